@@ -1,0 +1,25 @@
+import os
+
+# Tests never reach a model hub: everything is built locally or read from tests/fixtures.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.tiny_sd import FIXTURES, make_tiny_sd  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    """Reference test vectors (a copy of ../shared/fixtures, see tests/fixtures/reference/README.md)."""
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random SD 2.x-style pipeline directory, shared by the whole session."""
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=0)
