@@ -1,0 +1,42 @@
+"""Rasterisation of a UV layout into texel -> (face, barycentric) maps, for texture baking."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Find the triangle covering each texel centre of a `size` x `size` texture.
+
+    uvs: [N, 2] in [0, 1] (u right, v up); faces: [F, 3] indices into uvs.
+    Returns face_ids [size, size] int64 (-1 where no triangle covers the texel) and barycentric
+    weights [size, size, 3]. Row 0 is v = 0 (flip rows to get an image with v up).
+    Vectorised over the triangles' bounding boxes, so the cost is about the atlas area in texels.
+    """
+    tri = uvs[faces].astype(np.float64) * size - 0.5  # [F, 3, 2] in texel-centre coordinates
+    lo = np.clip(np.floor(tri.min(axis=1)).astype(np.int64), 0, size - 1)
+    hi = np.clip(np.ceil(tri.max(axis=1)).astype(np.int64), 0, size - 1)
+    extent = hi - lo + 1  # [F, 2]
+    counts = extent[:, 0] * extent[:, 1]
+    face_of = np.repeat(np.arange(len(faces)), counts)
+    local = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    px = lo[face_of, 0] + local % extent[face_of, 0]
+    py = lo[face_of, 1] + local // extent[face_of, 0]
+
+    a, b, c = tri[face_of, 0], tri[face_of, 1], tri[face_of, 2]
+    p = np.stack([px, py], axis=1).astype(np.float64)
+    v0, v1, v2 = b - a, c - a, p - a
+    denom = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]
+    valid = np.abs(denom) > 1e-12
+    denom = np.where(valid, denom, 1.0)
+    w1 = (v2[:, 0] * v1[:, 1] - v1[:, 0] * v2[:, 1]) / denom
+    w2 = (v0[:, 0] * v2[:, 1] - v2[:, 0] * v0[:, 1]) / denom
+    w0 = 1.0 - w1 - w2
+    eps = -1e-9
+    inside = valid & (w0 >= eps) & (w1 >= eps) & (w2 >= eps)
+
+    face_ids = np.full((size, size), -1, np.int64)
+    bary = np.zeros((size, size, 3), np.float64)
+    face_ids[py[inside], px[inside]] = face_of[inside]
+    bary[py[inside], px[inside]] = np.stack([w0, w1, w2], axis=1)[inside]
+    return face_ids, bary
