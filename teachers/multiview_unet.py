@@ -292,9 +292,16 @@ def schedule_from_config(config: str | Path | Mapping) -> NoiseSchedule:
     return load_original_config(config).schedule
 
 
-def _config_hint() -> str:
+def _config_hint(ckpt_path: Path | None = None) -> str:
+    """Where the yaml of `ckpt_path`'s release (or of every release) is bundled and published."""
+    releases = [
+        r for r in RELEASED_CHECKPOINTS.values() if ckpt_path is not None and r.filename == ckpt_path.name
+    ]
+    if releases:
+        r = releases[0]
+        return f"the config of {r.filename} is bundled as {r.config} (upstream: {r.upstream_config})"
     return "full-size configs of the released models are bundled in " + ", ".join(
-        str(r.config) for r in RELEASED_CHECKPOINTS.values()
+        f"{r.config} ({r.filename}; upstream: {r.upstream_config})" for r in RELEASED_CHECKPOINTS.values()
     )
 
 
@@ -714,6 +721,10 @@ class MultiViewUNet(nn.Module):
                 )
             config_path = release.config
         config_path = Path(config_path)
+        if not config_path.is_file():
+            raise MultiViewConfigNotFoundError(
+                f"multi-view UNet config not found: {config_path}; {_config_hint(ckpt_path)}"
+            )
         config = load_original_config(config_path)
         state = load_original_unet_state_dict(ckpt_path, config_path)
         with torch.device("meta"):

@@ -354,6 +354,12 @@ def test_missing_config(tmp_path, fixtures_dir):
             fixtures_dir / "mvdream_ref_A" / "model.ckpt", tmp_path / "nope.yaml"
         )
     assert "nope.yaml" in _one_line(err.value) and "mvdream_sd21_base_4view.yaml" in str(err.value)
+    with pytest.raises(
+        MultiViewConfigNotFoundError
+    ) as err:  # a released file name: its own config and source
+        MultiViewUNet.from_original_checkpoint(tmp_path / "nd_mv_ema.ckpt", tmp_path / "nope.yaml")
+    message = _one_line(err.value)
+    assert "richdreamer_nd_mv.yaml" in message and "txtcond_mvsd-4-objaverse_finetune_wovae.yaml" in message
 
 
 def _write(tmp_path, text: str):
