@@ -20,6 +20,15 @@ from lightning_modules.weights import official_module_order
 FIXTURE = "triplaneturbo_ref_A"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run faster on one thread, and do not stall when the shared CPU is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_matches(name: str, got: torch.Tensor, ref: torch.Tensor) -> float:
     got = got.detach().float().reshape(ref.shape)
     err = (got - ref).abs().max().item()
