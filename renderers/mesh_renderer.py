@@ -174,7 +174,8 @@ class MeshRenderer(nn.Module):
     ) -> RenderOutput:
         batch, views, height, width = cameras.batch_size, cameras.num_views, cameras.height, cameras.width
         device = cameras.c2w.device
-        dtype = meshes[0].vertices.dtype if meshes and meshes[0].vertices.is_floating_point() else torch.float32
+        # float64 meshes render in float64 (gradient checks); anything else (float32, half) in float32
+        dtype = torch.float64 if meshes and meshes[0].vertices.dtype == torch.float64 else torch.float32
         rasterizer = self.rasterizer(device)
         mvp = mvp_matrix(cameras, self.near, self.far).to(dtype)  # [B, V, 4, 4]
         rotation = world_to_camera(cameras.c2w)[..., :3, :3].to(dtype)  # [B, V, 3, 3]
