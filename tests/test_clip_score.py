@@ -237,10 +237,15 @@ def _ddp_images():
 
 
 def _ddp_worker(rank, world_size, port, clip_dir, out_path):
+    import datetime
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         metric = CLIPScore3D(f"local-dir:{clip_dir}")
         idx = DDP_SPLIT[rank]
@@ -258,10 +263,19 @@ def _free_port():
 
 
 def test_ddp_two_process_gloo_matches_single_process(tiny_clip_dir, metric_factory, tmp_path):
+    """Rank 1 in a spawned process, rank 0 in this one (saves one process start-up)."""
     import torch.multiprocessing as mp
 
-    out_path = str(tmp_path / "ddp")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tiny_clip_dir), out_path), nprocs=2, join=True)
+    out_path, port = str(tmp_path / "ddp"), _free_port()
+    other = mp.get_context("spawn").Process(target=_ddp_worker, args=(1, 2, port, str(tiny_clip_dir), out_path))
+    other.start()
+    threads = torch.get_num_threads()
+    try:
+        _ddp_worker(0, 2, port, str(tiny_clip_dir), out_path)
+    finally:
+        torch.set_num_threads(threads)
+        other.join(timeout=120)
+    assert other.exitcode == 0
     single = metric_factory()
     single.update(_ddp_images(), DDP_PROMPTS)
     want = {k: v.item() for k, v in single.compute().items()}
