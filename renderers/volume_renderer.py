@@ -120,6 +120,7 @@ class NeuSVolumeRenderer(nn.Module):
         self.normal_background = tuple(float(c) for c in normal_background)
         self.ray_chunk = int(ray_chunk)
         self.generator = generator
+        self.last_patch: tuple[int, int, int] | None = None  # (top, left, size) of the last training patch
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -287,6 +288,7 @@ class NeuSVolumeRenderer(nn.Module):
             }
             top = int(torch.randint(0, max(1, height - patch), (1,), generator=self.generator))
             left = int(torch.randint(0, max(1, width - patch), (1,), generator=self.generator))
+            self.last_patch = (top, left, patch)
             patch_images, _ = self._render_images(field, cameras, text_embedding, height, width, (top, left, patch, patch))
             for key, value in patch_images.items():
                 full = images[key].clone()
