@@ -269,7 +269,7 @@ def test_trainer_checkpoint_and_resume_sees_same_prompts(tmp_path, num_workers, 
     expected = {"epoch": k // per_epoch, "batches_consumed": k % per_epoch}
     assert {n: saved["PromptDataModule"][n] for n in expected} == expected
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["epoch"] == expected["epoch"]
-    resumed = fit(tmp_path, total, num_workers, limit, ckpt_path=str(ckpt))
+    resumed = fit(tmp_path / "resumed", total, num_workers, limit, ckpt_path=str(ckpt), every=k)
     assert len(uninterrupted) == total
     assert resumed == uninterrupted[k:]
     positions = [(e, b) for e, b, *_ in uninterrupted]
