@@ -35,7 +35,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +74,20 @@ class RenderProtocol:
 
 @dataclass
 class MeshData:
-    """A mesh in world coordinates: vertices [N, 3] float32, faces [F, 3] int64, colors [N, 3] in [0, 1]."""
+    """A mesh in world coordinates, coloured per vertex and / or by textures.
+
+    vertices [N, 3] float32; faces [F, 3] int64; colors [N, 3] in [0, 1] (for textured parts: the
+    texture sampled at the vertices, a fallback only); uv [N, 2] (v up, glTF / OBJ convention) and
+    texture_index [N] int64 (-1: the part uses its vertex colours, k: it uses textures[k]) when any part
+    is textured; textures: [Ht, Wt, 3] float32 images in [0, 1].
+    """
 
     vertices: np.ndarray
     faces: np.ndarray
     colors: np.ndarray
+    uv: np.ndarray | None = None
+    texture_index: np.ndarray | None = None
+    textures: list[np.ndarray] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,8 +222,17 @@ def match_meshes(
 # ----------------------------------------------------------------------------------------------
 
 
-def _colors_of(mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(vertices, faces, per-vertex RGB in [0, 1]) of one trimesh, whatever its visual."""
+def _texture_image(visual) -> np.ndarray | None:
+    """The base-colour image of a textured trimesh visual as [Ht, Wt, 3] float32, or None."""
+    material = getattr(visual, "material", None)
+    image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
+    if image is None or getattr(visual, "uv", None) is None:
+        return None
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _mesh_part(mesh) -> dict:
+    """vertices, faces, per-vertex RGB in [0, 1], and uv / texture of one trimesh, whatever its visual."""
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)
     visual = mesh.visual
@@ -223,17 +241,22 @@ def _colors_of(mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # Flat colours stay exact: one vertex per face corner.
         corners = vertices[faces].reshape(-1, 3)
         rgb = np.repeat(np.asarray(visual.face_colors)[:, :3], 3, axis=0)
-        return corners, np.arange(len(corners), dtype=np.int64).reshape(-1, 3), rgb / 255.0
+        return {"vertices": corners, "faces": np.arange(len(corners)).reshape(-1, 3), "colors": rgb / 255.0}
+    part = {"vertices": vertices, "faces": faces}
     if kind == "texture":
-        # Colours sampled from the texture at the vertices (detail finer than the mesh is lost).
-        visual = visual.to_color()
-    rgb = np.asarray(visual.vertex_colors)[:, :3]
-    return vertices, faces, rgb / 255.0
+        texture = _texture_image(visual)
+        if texture is not None:
+            part["uv"], part["texture"] = np.asarray(visual.uv, dtype=np.float64)[:, :2], texture
+        visual = visual.to_color()  # the texture (or material colour) at the vertices
+    part["colors"] = np.asarray(visual.vertex_colors)[:, :3] / 255.0
+    return part
 
 
 def load_mesh(path: str | Path, mesh_frame: str = "viewer") -> MeshData:
-    """Read an OBJ / GLB / glTF / PLY file into world coordinates (+z up, front +x) with vertex colours.
+    """Read an OBJ / GLB / glTF / PLY file into world coordinates (+z up, front +x).
 
+    Vertex colours, face colours and base-colour textures (rendered with their UVs) are kept; parts of a
+    scene are merged with their scene transforms.
     mesh_frame: "viewer" for files in viewer axes (+y up, front +z: glTF, `prd generate`'s exports),
     "world" for files already in the world frame (threestudio-style exports).
     """
@@ -241,30 +264,32 @@ def load_mesh(path: str | Path, mesh_frame: str = "viewer") -> MeshData:
 
     from renderers.export import viewer_to_world
 
+    if mesh_frame not in ("viewer", "world"):
+        raise ValueError(f"mesh_frame must be 'viewer' or 'world', got {mesh_frame!r}")
     try:
         scene = trimesh.load(str(path), force="scene", process=False)
     except Exception as err:  # trimesh raises many types for unreadable files
         raise UserError(f"cannot read mesh {path}: {err}") from None
-    parts = [m for m in scene.dump() if isinstance(m, trimesh.Trimesh) and len(m.faces)]
+    parts = [_mesh_part(m) for m in scene.dump() if isinstance(m, trimesh.Trimesh) and len(m.faces)]
     if not parts:
         raise UserError(f"mesh {path} has no triangles")
-    vertices, faces, colors, offset = [], [], [], 0
-    for part in parts:
-        v, f, c = _colors_of(part)
-        vertices.append(v)
-        faces.append(f + offset)
-        colors.append(c)
-        offset += len(v)
-    vertices = np.concatenate(vertices)
+    offsets = np.cumsum([0] + [len(p["vertices"]) for p in parts])
+    vertices = np.concatenate([p["vertices"] for p in parts])
     if mesh_frame == "viewer":
         vertices = viewer_to_world(vertices)
-    elif mesh_frame != "world":
-        raise ValueError(f"mesh_frame must be 'viewer' or 'world', got {mesh_frame!r}")
-    return MeshData(
+    mesh = MeshData(
         vertices=vertices.astype(np.float32),
-        faces=np.concatenate(faces),
-        colors=np.concatenate(colors).astype(np.float32),
+        faces=np.concatenate([p["faces"] + offset for p, offset in zip(parts, offsets, strict=False)]),
+        colors=np.concatenate([p["colors"] for p in parts]).astype(np.float32),
     )
+    if any("texture" in p for p in parts):
+        mesh.textures = [p["texture"] for p in parts if "texture" in p]
+        ids = np.cumsum(["texture" in p for p in parts]) - 1
+        mesh.uv = np.concatenate([p.get("uv", np.zeros((len(p["vertices"]), 2))) for p in parts]).astype(np.float32)
+        mesh.texture_index = np.concatenate(
+            [np.full(len(p["vertices"]), ids[k] if "texture" in p else -1) for k, p in enumerate(parts)]
+        ).astype(np.int64)
+    return mesh
 
 
 def normalize_mesh(mesh: MeshData, mode: str = "box", bound: float = 0.9) -> MeshData:
@@ -277,20 +302,14 @@ def normalize_mesh(mesh: MeshData, mode: str = "box", bound: float = 0.9) -> Mes
     extent = float((high - low).max())
     scale = 2.0 * bound / extent if extent > 0 else 1.0
     vertices = (mesh.vertices - (low + high) / 2) * scale
-    return MeshData(vertices.astype(np.float32), mesh.faces, mesh.colors)
+    return replace(mesh, vertices=vertices.astype(np.float32))
 
 
-def render_views(
-    mesh: MeshData, protocol: RenderProtocol, device: torch.device | str = "cpu", backend: str = "auto"
-) -> Tensor:
-    """Render `mesh` (world coordinates) under `protocol`: RGB on white, `[V, 3, H, W]` in [0, 1].
-
-    The one place that calls the project's rasteriser (backend: "auto", "torch" or "nvdiffrast").
-    """
+def evaluation_cameras_for(protocol: RenderProtocol, device: torch.device | str = "cpu"):
+    """The protocol's cameras, `[1, V]`."""
     from renderers.cameras import evaluation_cameras
-    from renderers.mesh_renderer import render_mesh
 
-    cameras = evaluation_cameras(
+    return evaluation_cameras(
         protocol.num_views,
         elevation=protocol.elevation,
         distance=protocol.distance,
@@ -300,7 +319,21 @@ def render_views(
         width=protocol.resolution,
         device=device,
     )
+
+
+def render_views(
+    mesh: MeshData, protocol: RenderProtocol, device: torch.device | str = "cpu", backend: str = "auto"
+) -> Tensor:
+    """Render `mesh` (world coordinates) under `protocol`: unlit RGB on white, `[V, 3, H, W]` in [0, 1].
+
+    The one place that calls the project's rasteriser (backend: "auto", "torch" or "nvdiffrast").
+    """
+    from renderers.mesh_renderer import render_mesh
+
+    cameras = evaluation_cameras_for(protocol, device)
     with torch.no_grad():
+        if mesh.textures:
+            return render_textured(mesh, cameras, backend)[0].clamp(0, 1)
         out = render_mesh(
             torch.from_numpy(mesh.vertices).to(device),
             torch.from_numpy(mesh.faces).to(device),
@@ -310,6 +343,44 @@ def render_views(
             backend=backend,
         )
     return out["rgb"][0].clamp(0, 1)
+
+
+def render_textured(mesh: MeshData, cameras, backend: str = "auto") -> Tensor:
+    """A textured mesh seen by `cameras` ([1, V]): `[1, V, 3, H, W]`, on white, anti-aliased.
+
+    Shading on the project's rasteriser primitives, as `renderers.mesh_renderer.render_mesh` does for
+    vertex colours: UVs are interpolated per pixel and the texture is sampled bilinearly (texel centres
+    at (i + 0.5) / size, repeating outside [0, 1], as nvdiffrast's texture lookup); parts without a
+    texture keep their vertex colours.
+    """
+    import torch.nn.functional as F
+
+    from renderers.cameras import mvp_matrix
+    from renderers.rasterizers import get_rasterizer
+
+    device = cameras.c2w.device
+    height, width = cameras.height, cameras.width
+    rasterizer = get_rasterizer(backend, device)
+    vertices = torch.from_numpy(mesh.vertices).to(device)
+    faces = torch.from_numpy(mesh.faces).to(device)
+    clip = torch.einsum("vij,nj->vni", mvp_matrix(cameras)[0], F.pad(vertices, (0, 1), value=1.0))  # [V, Nv, 4]
+    fragments = rasterizer.rasterize(clip, faces, height, width)
+    index = torch.from_numpy(mesh.texture_index).to(device)
+    uses = torch.stack([index == k for k in range(len(mesh.textures))], dim=-1).float()  # [Nv, K]
+    attributes = torch.cat([torch.from_numpy(mesh.colors).to(device), torch.from_numpy(mesh.uv).to(device), uses], -1)
+    values = rasterizer.interpolate(attributes, fragments)  # [V, H, W, 5 + K]
+    color, uv, weight = values[..., :3], values[..., 3:5].remainder(1.0), values[..., 5:]
+    grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1)  # image row 0 is v = 1
+    views = grid.shape[0]
+    for k, texture in enumerate(mesh.textures):
+        image = torch.from_numpy(texture).to(device).permute(2, 0, 1)[None]  # [1, 3, Ht, Wt]
+        sampled = F.grid_sample(image, grid.reshape(1, views * height, width, 2), mode="bilinear",
+                                padding_mode="border", align_corners=False)
+        sampled = sampled[0].permute(1, 2, 0).reshape(views, height, width, 3)
+        color = color + weight[..., k : k + 1] * (sampled - color)
+    mask = fragments.mask.to(color.dtype)
+    rgb = rasterizer.antialias(torch.lerp(torch.ones_like(color), color, mask), fragments)
+    return rgb.permute(0, 3, 1, 2)[None]
 
 
 def save_views(images: Tensor, folder: Path, azimuths: Sequence[float]) -> list[Path]:

@@ -104,3 +104,40 @@ def test_coloured_cube_under_the_reference_protocol(tmp_path, fmt):
         assert np.allclose(rgb[row, col], FACE_COLOURS["+z"], atol=1e-4), f"azimuth {azimuth}: top"
     # the bottom face is never visible from elevation 15
     assert not np.any(np.all(np.isclose(images.transpose(0, 2, 3, 1), FACE_COLOURS["-z"], atol=0.05), axis=-1))
+
+
+@pytest.mark.parametrize("fmt", ["glb", "obj"])
+def test_uv_textured_mesh_renders_like_its_vertex_colours(tmp_path, fmt):
+    """A cube exported with a baked UV texture (OBJ + MTL + PNG, or GLB) is rendered by sampling the
+    texture per pixel: the same picture as the vertex-coloured cube up to texel seams, much closer
+    than the vertex-colour fallback of the textured file."""
+    from lightning_modules.evaluate import MeshData
+
+    protocol = RenderProtocol(resolution=64, bound=0.5)
+    cube = face_coloured_cube(0.5)
+    reference = render_views(load_mesh(export_mesh(tmp_path / "plain.ply", *cube)), protocol, "cpu", "torch")
+    textured = load_mesh(export_mesh(tmp_path / f"baked.{fmt}", *cube, uv_texture=True, texture_size=128))
+    assert len(textured.textures) == 1 and (textured.texture_index == 0).all()
+    image = render_views(textured, protocol, "cpu", "torch")
+    fallback = render_views(MeshData(textured.vertices, textured.faces, textured.colors), protocol, "cpu", "torch")
+    assert (image - reference).abs().mean() < 0.002
+    assert (fallback - reference).abs().mean() > 5 * (image - reference).abs().mean()
+
+
+def test_scene_with_textured_and_vertex_coloured_parts(tmp_path):
+    import trimesh
+
+    textured = trimesh.load(export_mesh(tmp_path / "a.glb", *face_coloured_cube(0.2), uv_texture=True, texture_size=64),
+                            force="mesh", process=False)
+    plain = trimesh.Trimesh(*face_coloured_cube(0.2)[:2], process=False)
+    plain.visual.vertex_colors = [255, 128, 0, 255]
+    plain.apply_translation([0.6, 0.0, 0.0])  # viewer +x = world +y
+    scene = trimesh.Scene([textured, plain])
+    scene.export(tmp_path / "scene.glb")
+    mesh = load_mesh(tmp_path / "scene.glb")
+    assert sorted(set(mesh.texture_index.tolist())) == [-1, 0] and len(mesh.textures) == 1
+    protocol = RenderProtocol(resolution=64, bound=0.9, azimuth_start=0.0, num_views=1)
+    rgb = render_views(normalize_mesh(mesh, protocol.normalize, protocol.bound), protocol, "cpu", "torch")[0]
+    pixels = rgb.permute(1, 2, 0).reshape(-1, 3).numpy()
+    assert np.isclose(pixels, [1.0, 128 / 255, 0.0], atol=0.01).all(axis=1).sum() > 20  # the plain part
+    assert np.isclose(pixels, FACE_COLOURS["+x"], atol=0.01).all(axis=1).sum() > 20  # the textured front
