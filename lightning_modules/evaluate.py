@@ -707,7 +707,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     protocol = _protocol_from_args(args)
     prompts, prompts_name = load_prompts(args.prompts, args.split)
     if args.limit is not None:
-        prompts = prompts[: max(0, args.limit)]
+        if args.limit < 1:
+            raise UserError(f"--limit must be at least 1, got {args.limit}")
+        prompts = prompts[: args.limit]
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     out_dir = Path(args.out)
     device = resolve_device(args.device)
 
