@@ -161,7 +161,7 @@ def _run(argv):
 def _base_args(mesh_dir, prompts_file, tiny_clip_dir, out):
     return [
         "--meshes", str(mesh_dir), "--prompts", str(prompts_file), "--out", str(out),
-        "--clip-model", f"local-dir:{tiny_clip_dir}", "--resolution", "48", "--no-progress", "--device", "cpu",
+        "--clip-model", f"local-dir:{tiny_clip_dir}", "--resolution", "32", "--no-progress", "--device", "cpu",
     ]
 
 
@@ -188,12 +188,12 @@ def test_eval_on_existing_meshes_writes_every_output(mesh_dir, prompts_file, tin
     renders = sorted((out / "renders").glob("*/*.png"))
     assert len(renders) == 8 * 4
     with Image.open(renders[0]) as im:
-        assert im.size == (48, 48)
+        assert im.size == (32, 32)
 
 
 def test_interrupted_run_resumes_where_it_stopped(mesh_dir, prompts_file, tiny_clip_dir, tmp_path, monkeypatch):
     def args(out):
-        return _base_args(mesh_dir, prompts_file, tiny_clip_dir, tmp_path / out) + ["--limit", "5", "--resolution", "32"]
+        return _base_args(mesh_dir, prompts_file, tiny_clip_dir, tmp_path / out) + ["--limit", "5"]
 
     real_render = evaluate.render_views
     calls = []
