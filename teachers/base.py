@@ -1,0 +1,333 @@
+"""The teacher interface: frozen diffusion models that turn renders into score-distillation losses.
+
+A teacher is called with the renders of one PRD step and returns named scalar losses whose
+gradient with respect to the rendered images is its score-distillation gradient:
+
+    losses = teacher(render, prompts, step)             # {"mvdream": loss}
+    losses = teacher([mesh_render, volume_render], prompts, step)
+    # {"mvdream/mesh": loss, "mvdream/volume": loss}
+
+- `render`: `renderers.types.RenderOutput` (images `[B, V, C, H, W]`, `Cameras`), or a list of
+  them (the renders of the same B prompts by several renderers; they share one teacher batch).
+- `prompts`: B strings, or precomputed `PromptEmbeddings` (or a dict encoder key -> embeddings).
+- `step`: the global training step (for the schedules of CFG, timestep range and weight).
+
+The frozen diffusion models are held OUTSIDE the registered module tree (a plain dict), so a
+parent LightningModule's `state_dict`, `parameters()` (optimizer, DDP gradient buckets), `.to()`,
+`.half()` and `.train()` never see them. They run in `dtype` (float32 / float16 / bfloat16; the
+loss is always float32 and flows back to the images in their own dtype), are moved to the
+render's device at each call and, with `offload=True`, back to the CPU after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.cli import UserError
+from lightning_modules.schedules import Schedule, ScheduleLike
+from renderers.types import RenderOutput
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+RenderInput = Union[RenderOutput, Sequence[RenderOutput]]
+
+
+class TeacherWeightsNotFoundError(UserError, FileNotFoundError):
+    """Teacher weights are missing; the message (one line) names the file, the hub id and how to fetch it."""
+
+
+def missing_pipeline_error(
+    pretrained: str, what: str, example_hub_id: str, subfolders: Sequence[str] = ()
+) -> TeacherWeightsNotFoundError:
+    """One-line error for a diffusers pipeline directory / hub id that could not be loaded."""
+    path = Path(pretrained).expanduser()
+    include = " ".join(f"'{folder}/*'" for folder in subfolders)
+    include = f" --include {include}" if include else ""
+    if path.is_dir():
+        return TeacherWeightsNotFoundError(
+            f"{what} not found in the directory {pretrained!r} (it needs {', '.join(f'{s}/' for s in subfolders)} "
+            f"in the diffusers layout): fetch them with `hf download {example_hub_id}{include} --local-dir {pretrained}`"
+        )
+    looks_local = pretrained.startswith(("/", ".", "~")) or (
+        path.parent != Path(".") and path.parent.is_dir()
+    )
+    if looks_local:
+        return TeacherWeightsNotFoundError(
+            f"{what} not found: {pretrained!r} does not exist; fetch a pipeline there with "
+            f"`hf download {example_hub_id}{include} --local-dir {pretrained}` (hub id {example_hub_id!r})"
+        )
+    return TeacherWeightsNotFoundError(
+        f"{what} not found: {pretrained!r} is not a local directory and hub id {pretrained!r} is not in the local "
+        f"cache; fetch it with `hf download {pretrained}{include} --local-dir pretrained/{path.name}` and pass "
+        "that directory"
+    )
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16") from None
+
+
+class Teacher(nn.Module):
+    """Base class of every score-distillation teacher.
+
+    Args:
+        weight: the teacher's loss weight, a schedule over training steps (0 switches it off).
+        name: the key of its losses (default: the class's `default_name`).
+        dtype: "float32", "float16" or "bfloat16" for the frozen models.
+        offload: keep the frozen models on the CPU between calls (moved to the render's
+            device for each call, then back).
+    Subclasses implement `load()` (fill `self.frozen`) and `compute_losses()`.
+    """
+
+    default_name = "teacher"
+
+    def __init__(
+        self,
+        weight: ScheduleLike = 1.0,
+        name: str | None = None,
+        dtype: str = "float32",
+        offload: bool = False,
+    ) -> None:
+        super().__init__()
+        self.weight = Schedule.parse(weight)
+        self.name = name or self.default_name
+        self.dtype = resolve_dtype(dtype)
+        self.offload = offload
+        # Not registered as submodules on purpose (see the module docstring).
+        self.frozen: dict[str, nn.Module] = {}
+        self.last_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ frozen models
+    @property
+    def is_loaded(self) -> bool:
+        return bool(self.frozen)
+
+    def load(self) -> None:
+        """Load the frozen models into `self.frozen` (on the CPU)."""
+        raise NotImplementedError
+
+    def _freeze(self, module: nn.Module) -> nn.Module:
+        return module.eval().requires_grad_(False)
+
+    def frozen_parameters(self) -> Iterator[nn.Parameter]:
+        for module in self.frozen.values():
+            yield from module.parameters()
+
+    @contextlib.contextmanager
+    def on_device(self, device: torch.device) -> Iterator[None]:
+        """Run the frozen models on `device`; with `offload`, send them back to the CPU afterwards.
+
+        Weights that the backward pass still needs (the VAE encoder of the render path) stay
+        alive in the autograd graph until backward, so offloading right after the forward is safe.
+        """
+        for module in self.frozen.values():
+            module.to(device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for module in self.frozen.values():
+                    module.to("cpu")
+
+    # ------------------------------------------------------------------ call
+    def forward(
+        self,
+        renders: RenderInput,
+        prompts: Sequence[str] | object,
+        step: int,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Score-distillation losses for `renders` (one or several `RenderOutput`s of the same prompts).
+
+        Returns `{name: loss}` for one render, `{f"{name}/{renderer}": loss}` for several
+        (unweighted; `TeacherEnsemble` applies `weight`).
+        """
+        render_list = [renders] if isinstance(renders, RenderOutput) else list(renders)
+        if not render_list:
+            raise ValueError("a teacher needs at least one render")
+        batch = render_list[0].cameras.batch_size
+        for render in render_list:
+            if render.cameras.batch_size != batch:
+                raise ValueError("all renders passed to a teacher in one call must have the same batch size")
+        if not self.is_loaded:
+            self.load()
+        device = next(iter(render_list[0].images.values())).device
+        with self.on_device(device):
+            per_render = self.compute_losses(render_list, prompts, step, generator)
+        if isinstance(renders, RenderOutput):
+            return {self.name: per_render[0]}
+        return dict(zip(render_keys(self.name, render_list), per_render, strict=True))
+
+    def compute_losses(
+        self,
+        renders: list[RenderOutput],
+        prompts: Sequence[str] | object,
+        step: int,
+        generator: torch.Generator | None,
+    ) -> list[Tensor]:
+        """One scalar loss per render."""
+        raise NotImplementedError
+
+
+def render_keys(name: str, renders: Sequence[RenderOutput]) -> list[str]:
+    """`name/renderer` per render, `name/renderer_i` when a renderer name repeats."""
+    names = [render.renderer for render in renders]
+    keys = []
+    for index, renderer in enumerate(names):
+        keys.append(f"{name}/{renderer}" if names.count(renderer) == 1 else f"{name}/{renderer}_{index}")
+    return keys
+
+
+def select_embeddings(prompts: object, encoder_key: str) -> object:
+    """From a dict encoder key -> PromptEmbeddings, pick this encoder's; pass anything else through."""
+    if isinstance(prompts, Mapping):
+        if encoder_key not in prompts:
+            raise ValueError(
+                f"no precomputed embeddings for text encoder {encoder_key!r} (have: {', '.join(prompts)})"
+            )
+        return prompts[encoder_key]
+    return prompts
+
+
+class ScoreDistillationTeacher(Teacher):
+    """A teacher with a text encoder (prompt cache) and a `ScoreDistillation` objective.
+
+    Args (besides `Teacher`'s):
+        text_encoder: Stable Diffusion directory or hub id whose `text_encoder/` + `tokenizer/`
+            condition this teacher.
+        negative_prompt: the unconditional prompt of classifier-free guidance.
+        prompt_cache_dir: root of the text-embedding disk cache (see `teachers.prompt_cache`).
+        text_encoder_device: where missing prompts are encoded (default CUDA if available).
+        objective, weighting, cfg_scale, t_min, t_max, plus_ratio, plus_random, dmd_eps,
+        csd_scale, grad_clip: see `teachers.objectives.ScoreDistillation`.
+    """
+
+    def __init__(
+        self,
+        text_encoder: str,
+        negative_prompt: str = "",
+        prompt_cache_dir: str | None = None,
+        text_encoder_device: str | None = None,
+        objective: str = "asd",
+        weighting: str = "dmd",
+        cfg_scale: ScheduleLike = 7.5,
+        t_min: ScheduleLike = 0.02,
+        t_max: ScheduleLike = 0.98,
+        plus_ratio: float = 0.0,
+        plus_random: bool = True,
+        dmd_eps: float = 0.1,
+        csd_scale: float = 1.0,
+        grad_clip: ScheduleLike | None = None,
+        weight: ScheduleLike = 1.0,
+        name: str | None = None,
+        dtype: str = "float32",
+        offload: bool = False,
+    ) -> None:
+        from teachers.objectives import ScoreDistillation
+
+        super().__init__(weight=weight, name=name, dtype=dtype, offload=offload)
+        self.text_encoder = str(text_encoder)
+        self.negative_prompt = negative_prompt
+        self.prompt_cache_dir = prompt_cache_dir
+        self.text_encoder_device = text_encoder_device
+        self.objective = ScoreDistillation(
+            objective=objective,
+            weighting=weighting,
+            cfg_scale=cfg_scale,
+            t_min=t_min,
+            t_max=t_max,
+            plus_ratio=plus_ratio,
+            plus_random=plus_random,
+            dmd_eps=dmd_eps,
+            csd_scale=csd_scale,
+            grad_clip=grad_clip,
+        )
+        self.alphas_cumprod: Tensor | None = None  # [T] float32, set by load()
+        self.last_output = None
+
+    @property
+    def prompt_processor(self):
+        from teachers.prompt_cache import shared_prompt_processor
+
+        return shared_prompt_processor(
+            self.text_encoder, cache_dir=self.prompt_cache_dir, device=self.text_encoder_device
+        )
+
+    def prepare_prompts(self, prompts: Sequence[str]) -> int:
+        """Fill the prompt cache (rank 0 writes under DDP); returns how many prompts were encoded."""
+        return self.prompt_processor.prepare(list(prompts) + [self.negative_prompt])
+
+    def text_embeddings(self, prompts: Sequence[str] | object, batch_size: int, device: torch.device):
+        """(cond, uncond) `[B, L, D]` float32 on `device` from prompts or precomputed embeddings."""
+        from teachers.prompt_cache import PromptEmbeddings
+
+        prompts = select_embeddings(prompts, self.prompt_processor.key)
+        if isinstance(prompts, PromptEmbeddings):
+            if prompts.encoder_key != self.prompt_processor.key:
+                raise ValueError(
+                    f"{self.name}: embeddings come from text encoder {prompts.encoder_key!r}, "
+                    f"this teacher uses {self.prompt_processor.key!r}"
+                )
+            embeddings = prompts
+        elif isinstance(prompts, Sequence) and not isinstance(prompts, str):
+            embeddings = self.prompt_processor(list(prompts), self.negative_prompt)
+        else:
+            raise TypeError(
+                f"{self.name}: prompts must be a list of strings or PromptEmbeddings, got {type(prompts)}"
+            )
+        if embeddings.cond.shape[0] != batch_size:
+            raise ValueError(
+                f"{self.name}: {embeddings.cond.shape[0]} prompts for a render batch of {batch_size}"
+            )
+        embeddings = embeddings.to(device, torch.float32)
+        return embeddings.cond, embeddings.uncond
+
+    def reduce_losses(self, per_image: Tensor, num_renders: int, views_per_object: int) -> list[Tensor]:
+        """Per-render losses from per-image ones: summed over objects, averaged over views."""
+        return list((per_image.view(num_renders, -1).sum(dim=1) / views_per_object).unbind(0))
+
+    def record_stats(self, output) -> None:
+        # The last ScoreDistillationOutput, fully detached (holding the graph would keep the
+        # render activations alive until the next call).
+        self.last_output = dataclasses.replace(output, loss=output.loss.detach())
+        self.last_stats = {
+            "grad_norm": float(output.grad.norm()),
+            "t_mean": float(output.timesteps.float().mean()),
+        }
+
+
+def render_image(render: RenderOutput, name: str, channels: int, teacher: str) -> Tensor:
+    """`render.images[name]` checked to be `[B, V, channels, H, W]`."""
+    if name not in render.images:
+        raise ValueError(
+            f"{teacher} needs render images {name!r} [B, V, {channels}, H, W]; "
+            f"the {render.renderer} render has: {', '.join(render.images) or 'none'}"
+        )
+    image = render.images[name]
+    if image.ndim != 5 or image.shape[2] != channels:
+        raise ValueError(
+            f"{teacher}: render image {name!r} must be [B, V, {channels}, H, W], got {list(image.shape)}"
+        )
+    return image

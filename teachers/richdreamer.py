@@ -1,0 +1,134 @@
+"""RichDreamer's normal-depth multi-view model (`nd_mv_ema.ckpt`) as a score-distillation teacher.
+
+Per call: the "normal" (3) and "disparity" (1) renders of all V views, concatenated to 4 channels
+and average-pooled to `resolution` x `resolution` (32), ARE the latent (no VAE). Value range:
+`map_to_minus_one_one=False` feeds the [0, 1] maps as the TriplaneTurbo reference does;
+`True` maps them to [-1, 1] first (v -> 2 v - 1), as RichDreamer itself does (the range the
+model was trained on). Text from the SD 1.5 text encoder (768-d); cameras converted with
+`camera_vectors(..., convention="richdreamer")` at the distance chosen by `camera_distance`:
+"rel_x2" (reference: 2 x relative distance, relative = absolute x tan(fovy / 2)), "rel" or "abs".
+
+RichDreamer's albedo model is not provided: the TriplaneTurbo reference does not use it and its
+architecture is not pinned down by the public facts this project checks against (no fixture).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_modules.schedules import ScheduleLike
+from renderers.types import Cameras, RenderOutput
+from teachers.base import render_image
+from teachers.mvdream import NEGATIVE_PROMPT, MultiViewTeacher
+
+DEFAULT_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CAMERA_DISTANCES = ("rel_x2", "rel", "abs")
+
+
+class RichDreamerNormalDepthTeacher(MultiViewTeacher):
+    """RichDreamer normal-depth (ND-MV) teacher on the "normal" + "disparity" renders.
+
+    Args:
+        ckpt_path: the released `nd_mv_ema.ckpt` (`{"state_dict": ...}`; only the UNet keys are used).
+        config_path: its yaml (modelscope/normal-depth-diffusion
+            `configs/inference/nd/txtcond_mvsd-4-objaverse_finetune_wovae.yaml`); default: the copy
+            bundled in `teachers/configs/` for the released file name.
+        text_encoder: SD directory or hub id of the SD 1.5 text encoder (768-d).
+        resolution: the pooled normal-depth "latent" size (32).
+        map_to_minus_one_one: feed 2 v - 1 instead of the [0, 1] maps (see the module docstring).
+        camera_distance: "rel_x2" (reference), "rel" or "abs": the distance written into the camera vector.
+        The objective arguments (reference: ASD with plus_ratio 0.1, dmd, CFG 20, t_min
+        0.5 -> 0.02 over 20k steps, t_max 0.98) and `weight`, `name`, `dtype`, `offload`:
+        see `ScoreDistillationTeacher`.
+    """
+
+    default_name = "richdreamer_nd"
+    model_label = "RichDreamer normal-depth"
+    hub_filename = "nd_mv_ema.ckpt"
+    camera_convention = "richdreamer"
+
+    def __init__(
+        self,
+        ckpt_path: str = "pretrained/nd_mv_ema.ckpt",
+        config_path: str | None = None,
+        hub_id: str | None = None,
+        text_encoder: str = DEFAULT_SD15,
+        negative_prompt: str = NEGATIVE_PROMPT,
+        resolution: int = 32,
+        map_to_minus_one_one: bool = False,
+        camera_distance: str = "rel_x2",
+        objective: str = "asd",
+        weighting: str = "dmd",
+        cfg_scale: ScheduleLike = 20.0,
+        t_min: ScheduleLike = (0, 0.5, 0.02, 20000),
+        t_max: ScheduleLike = 0.98,
+        plus_ratio: float = 0.1,
+        plus_random: bool = True,
+        dmd_eps: float = 0.1,
+        csd_scale: float = 1.0,
+        grad_clip: ScheduleLike | None = None,
+        prompt_cache_dir: str | None = None,
+        text_encoder_device: str | None = None,
+        weight: ScheduleLike = 1.0,
+        name: str | None = None,
+        dtype: str = "float32",
+        offload: bool = False,
+    ) -> None:
+        if camera_distance not in CAMERA_DISTANCES:
+            raise ValueError(
+                f"camera_distance {camera_distance!r} is not one of {', '.join(CAMERA_DISTANCES)}"
+            )
+        super().__init__(
+            ckpt_path=ckpt_path,
+            config_path=config_path,
+            hub_id=hub_id,
+            text_encoder=text_encoder,
+            negative_prompt=negative_prompt,
+            resolution=resolution,
+            prompt_cache_dir=prompt_cache_dir,
+            text_encoder_device=text_encoder_device,
+            objective=objective,
+            weighting=weighting,
+            cfg_scale=cfg_scale,
+            t_min=t_min,
+            t_max=t_max,
+            plus_ratio=plus_ratio,
+            plus_random=plus_random,
+            dmd_eps=dmd_eps,
+            csd_scale=csd_scale,
+            grad_clip=grad_clip,
+            weight=weight,
+            name=name,
+            dtype=dtype,
+            offload=offload,
+        )
+        self.map_to_minus_one_one = map_to_minus_one_one
+        self.camera_distance = camera_distance
+
+    def latents(self, render: RenderOutput, generator: torch.Generator | None) -> Tensor:
+        name = type(self).__name__
+        normal = render_image(render, "normal", 3, name)
+        disparity = render_image(render, "disparity", 1, name)
+        maps = torch.cat([normal, disparity], dim=2).flatten(0, 1).float()  # [B * V, 4, H, W]
+        maps = F.adaptive_avg_pool2d(maps, (self.resolution, self.resolution))
+        return maps * 2 - 1 if self.map_to_minus_one_one else maps
+
+    def camera_distances(self, cameras: Cameras) -> Tensor:
+        """The distance `[B, V]` written into the camera vector (see `camera_distance`)."""
+        if self.camera_distance == "abs":
+            return cameras.distance
+        relative = cameras.distance * torch.tan(cameras.fovy / 2)
+        return 2 * relative if self.camera_distance == "rel_x2" else relative
+
+    def camera_condition(self, cameras: Cameras) -> Tensor:
+        """RichDreamer ND camera vectors `[B * V, 16]`."""
+        from teachers.multiview_unet import camera_vectors
+
+        return camera_vectors(
+            cameras.elevation.flatten(),
+            cameras.azimuth.flatten(),
+            self.camera_distances(cameras).flatten(),
+            convention="richdreamer",
+        )

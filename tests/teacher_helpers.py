@@ -1,0 +1,81 @@
+"""Shared helpers for the teacher tests: render-shaped inputs and tiny teacher models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from renderers.types import Cameras, RenderOutput
+from teachers.camera_vectors import c2w_from_spherical
+from tests.tiny_sd import FIXTURES, make_tiny_sd
+
+MV_FIXTURE = FIXTURES / "mvdream_ref_A"
+ND_FIXTURE = FIXTURES / "richdreamer_nd_ref_A"
+
+
+def unet_params(fixture: Path) -> dict:
+    return yaml.safe_load((fixture / "config.yaml").read_text())["model"]["params"]["unet_config"]["params"]
+
+
+def vae_factor(sd_dir: Path) -> int:
+    import json
+
+    config = json.loads((Path(sd_dir) / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def make_sd_dir_for(fixture: Path, directory: Path, seed: int = 0) -> Path:
+    """A tiny SD directory whose text encoder width equals the fixture UNet's context_dim."""
+    return make_tiny_sd(
+        directory, seed=seed, text_encoder=dict(hidden_size=unet_params(fixture)["context_dim"])
+    )
+
+
+def make_cameras(batch: int, views: int, height: int, width: int, seed: int = 0) -> Cameras:
+    """TriplaneTurbo-style training cameras: elevation U[0, 30], evenly spaced azimuths with a random
+    offset, fovy 60 deg, distance = U[0.8, 1.0] / tan(fovy / 2)."""
+    g = torch.Generator().manual_seed(seed)
+    elevation = (torch.rand(batch, 1, generator=g) * 30).expand(batch, views).clone()
+    offset = torch.rand(batch, 1, generator=g)
+    azimuth = (offset + torch.arange(views)) / views * 360 - 180
+    fovy = torch.full((batch, views), math.radians(60.0))
+    relative = (0.8 + 0.2 * torch.rand(batch, 1, generator=g)).expand(batch, views)
+    distance = relative / torch.tan(fovy / 2)
+    c2w = c2w_from_spherical(elevation, azimuth, distance)
+    return Cameras(c2w, fovy, elevation, azimuth, distance, height, width)
+
+
+def make_render(
+    batch: int = 2, views: int = 4, size: int = 12, renderer: str = "mesh", seed: int = 0, leaf: bool = True
+) -> RenderOutput:
+    """Random images in [0, 1] ("rgb" 3, "normal" 3, "disparity" 1), leaf tensors requiring grad."""
+    g = torch.Generator().manual_seed(seed + 100)
+    images = {
+        name: torch.rand(batch, views, channels, size, size, generator=g).requires_grad_(leaf)
+        for name, channels in (("rgb", 3), ("normal", 3), ("disparity", 1))
+    }
+    return RenderOutput(images, make_cameras(batch, views, size, size, seed), renderer)
+
+
+def fixture_cameras(fixture: Path) -> tuple[Cameras, torch.Tensor]:
+    """The fixture's cameras as a `Cameras` [objects, 4] and the camera vectors the UNet received."""
+    from safetensors.torch import load_file
+
+    inputs = load_file(str(fixture / "inputs.safetensors"))
+    views = int(inputs["num_frames"])
+    shape = (-1, views)
+    fovy = torch.deg2rad(inputs["fovy_deg"]).view(shape)
+    c2w = inputs["c2w"].view(-1, views, 4, 4)
+    cameras = Cameras(
+        c2w,
+        fovy,
+        inputs["elevation_deg"].view(shape),
+        inputs["azimuth_deg"].view(shape),
+        inputs["camera_distances"].view(shape),
+        16,
+        16,
+    )
+    return cameras, inputs["camera"]

@@ -1,0 +1,382 @@
+"""Teacher wrappers on tiny models: Stable Diffusion (tiny SD dirs), MVDream and RichDreamer ND
+(the reference fixtures' checkpoints + yaml), through render-shaped inputs on the CPU."""
+
+import json
+import shutil
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from renderers.types import RenderOutput
+from teachers.base import Teacher, TeacherWeightsNotFoundError
+from teachers.ensemble import TeacherEnsemble
+from teachers.mvdream import MVDreamTeacher
+from teachers.prompt_cache import PromptEmbeddings
+from teachers.richdreamer import RichDreamerNormalDepthTeacher
+from teachers.stable_diffusion import StableDiffusionTeacher, encode_rgb
+from tests.teacher_helpers import (
+    MV_FIXTURE,
+    ND_FIXTURE,
+    fixture_cameras,
+    make_render,
+    make_sd_dir_for,
+    unet_params,
+    vae_factor,
+)
+
+PROMPTS = ["a red chair", "a glass owl"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("prompt_cache"))
+
+
+@pytest.fixture(scope="module")
+def mv_sd_dir(tmp_path_factory):
+    return make_sd_dir_for(MV_FIXTURE, tmp_path_factory.mktemp("mv_sd"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def nd_sd_dir(tmp_path_factory):
+    return make_sd_dir_for(ND_FIXTURE, tmp_path_factory.mktemp("nd_sd"), seed=4)
+
+
+def sd_teacher(tiny_sd_dir, cache_dir, **kwargs):
+    options = dict(
+        pretrained=str(tiny_sd_dir), resolution=16, prompt_cache_dir=cache_dir, text_encoder_device="cpu"
+    )
+    options.update(kwargs)
+    return StableDiffusionTeacher(**options)
+
+
+def mv_teacher(mv_sd_dir, cache_dir, **kwargs):
+    options = dict(
+        ckpt_path=str(MV_FIXTURE / "model.ckpt"),
+        config_path=str(MV_FIXTURE / "config.yaml"),
+        hub_id=None,
+        vae=str(mv_sd_dir),
+        text_encoder=str(mv_sd_dir),
+        resolution=unet_params(MV_FIXTURE)["image_size"] * vae_factor(mv_sd_dir),
+        prompt_cache_dir=cache_dir,
+        text_encoder_device="cpu",
+    )
+    options.update(kwargs)
+    return MVDreamTeacher(**options)
+
+
+def nd_teacher(nd_sd_dir, cache_dir, **kwargs):
+    options = dict(
+        ckpt_path=str(ND_FIXTURE / "model.ckpt"),
+        config_path=str(ND_FIXTURE / "config.yaml"),
+        text_encoder=str(nd_sd_dir),
+        resolution=unet_params(ND_FIXTURE)["image_size"],
+        prompt_cache_dir=cache_dir,
+        text_encoder_device="cpu",
+    )
+    options.update(kwargs)
+    return RichDreamerNormalDepthTeacher(**options)
+
+
+def nonzero_views(grad):
+    """[B, V] bool: which views received any gradient."""
+    return grad.flatten(2).abs().sum(-1) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable Diffusion
+
+
+def test_sd_one_random_view_and_the_opposite_view_for_the_second_render(tiny_sd_dir, cache_dir):
+    teacher = sd_teacher(tiny_sd_dir, cache_dir)
+    mesh, volume = make_render(renderer="mesh", seed=0), make_render(size=10, renderer="volume", seed=1)
+    losses = teacher([mesh, volume], PROMPTS, step=0, generator=torch.Generator().manual_seed(0))
+    assert set(losses) == {"stable_diffusion/mesh", "stable_diffusion/volume"}
+    assert all(loss.ndim == 0 and loss.dtype == torch.float32 and loss > 0 for loss in losses.values())
+    sum(losses.values()).backward()
+    mesh_views, volume_views = nonzero_views(mesh["rgb"].grad), nonzero_views(volume["rgb"].grad)
+    assert (mesh_views.sum(1) == 1).all() and (volume_views.sum(1) == 1).all()
+    first = mesh_views.float().argmax(1)
+    assert (volume_views.float().argmax(1) == (first + 2) % 4).all()
+    assert mesh["normal"].grad is None  # SD only reads "rgb"
+
+
+def test_sd_render_gradient_is_the_objective_gradient_through_the_vae(tiny_sd_dir, cache_dir):
+    teacher = sd_teacher(tiny_sd_dir, cache_dir, views_per_object=2, sample_posterior=False, t_min=0.2)
+    render = make_render()
+    loss = teacher(render, PROMPTS, step=0, generator=torch.Generator().manual_seed(1))["stable_diffusion"]
+    loss.backward()
+    views = teacher.last_views[0]  # [B, 2]
+    chosen = render["rgb"].detach()[torch.arange(2)[:, None], views].flatten(0, 1).requires_grad_(True)
+    latents = encode_rgb(teacher.frozen["vae"], chosen, 16, sample=False, generator=None)
+    # loss = sum over objects of per-image losses / views_per_object  =>  d loss / d latent = grad / 2
+    (expected,) = torch.autograd.grad(latents, chosen, teacher.last_output.grad / 2)
+    got = render["rgb"].grad[torch.arange(2)[:, None], views].flatten(0, 1)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(loss.detach(), teacher.last_output.loss.sum() / 2)
+    assert nonzero_views(render["rgb"].grad).sum() == 4
+
+
+def test_sd_v_prediction_is_converted_to_epsilon(tiny_sd_dir, cache_dir, tmp_path):
+    v_dir = tmp_path / "sd_v"
+    shutil.copytree(tiny_sd_dir, v_dir)
+    scheduler_config = v_dir / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler_config.read_text())
+    config["prediction_type"] = "v_prediction"
+    scheduler_config.write_text(json.dumps(config))
+    teacher = sd_teacher(v_dir, cache_dir, text_encoder=str(tiny_sd_dir))
+    captured = {}
+    objective = teacher.objective
+
+    def spy(x, denoise, *args, **kwargs):
+        captured["denoise"] = denoise
+        return objective(x, denoise, *args, **kwargs)
+
+    teacher.objective = spy
+    teacher(make_render(), PROMPTS, step=0)
+    assert teacher.prediction_type == "v_prediction"
+    g = torch.Generator().manual_seed(0)
+    x_t, t, context = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.tensor([100, 900]),
+        torch.randn(2, 77, 32, generator=g),
+    )
+    with torch.no_grad():
+        v = teacher.frozen["unet"](x_t, t, encoder_hidden_states=context).sample
+        abar = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(
+            captured["denoise"](x_t, t, context), abar.sqrt() * v + (1 - abar).sqrt() * x_t
+        )
+
+
+def test_sd_precomputed_embeddings_give_the_same_loss(tiny_sd_dir, cache_dir):
+    teacher = sd_teacher(tiny_sd_dir, cache_dir)
+    render = make_render(leaf=False)
+    from_strings = teacher(render, PROMPTS, 0, torch.Generator().manual_seed(5))["stable_diffusion"]
+    embeddings = teacher.prompt_processor(PROMPTS, negative_prompt="")
+    assert isinstance(embeddings, PromptEmbeddings)
+    from_embeddings = teacher(render, embeddings, 0, torch.Generator().manual_seed(5))["stable_diffusion"]
+    from_mapping = teacher(render, {embeddings.encoder_key: embeddings}, 0, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(from_strings, from_embeddings)
+    torch.testing.assert_close(from_strings, from_mapping["stable_diffusion"])
+    with pytest.raises(ValueError, match="no precomputed embeddings"):
+        teacher(render, {"other-encoder": embeddings}, 0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sd_half_precision_weights_keep_a_float32_loss(tiny_sd_dir, cache_dir, dtype):
+    teacher = sd_teacher(tiny_sd_dir, cache_dir, dtype=dtype)
+    render = make_render()
+    loss = teacher(render, PROMPTS, 0, torch.Generator().manual_seed(0))["stable_diffusion"]
+    assert next(teacher.frozen["unet"].parameters()).dtype == getattr(torch, dtype)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert render["rgb"].grad.dtype == torch.float32 and torch.isfinite(render["rgb"].grad).all()
+    assert render["rgb"].grad.abs().sum() > 0
+
+
+def test_bad_inputs_are_clear_errors(tiny_sd_dir, cache_dir):
+    teacher = sd_teacher(tiny_sd_dir, cache_dir)
+    render = make_render()
+    no_rgb = RenderOutput({"normal": render["normal"]}, render.cameras, "mesh")
+    with pytest.raises(ValueError, match="needs render images 'rgb'"):
+        teacher(no_rgb, PROMPTS, 0)
+    with pytest.raises(ValueError, match="3 prompts for a render batch of 2"):
+        teacher(render, PROMPTS + ["a third"], 0)
+    with pytest.raises(ValueError, match="views_per_object"):
+        sd_teacher(tiny_sd_dir, cache_dir, views_per_object=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen, outside checkpoints and DDP buckets, offloadable
+
+
+class ToyPRDModule(pl.LightningModule):
+    def __init__(self, teachers: TeacherEnsemble):
+        super().__init__()
+        self.student = torch.nn.Linear(3, 3)
+        self.teachers = teachers
+
+
+def test_teachers_are_frozen_and_never_in_a_checkpoint(tiny_sd_dir, cache_dir, nd_sd_dir):
+    sd = sd_teacher(tiny_sd_dir, cache_dir)
+    nd = nd_teacher(nd_sd_dir, cache_dir)
+    module = ToyPRDModule(TeacherEnsemble({"sd": sd, "nd": nd}))
+    render = make_render()
+    module.teachers(render, PROMPTS, 0)
+    assert sd.is_loaded and nd.is_loaded
+    frozen = list(sd.frozen_parameters()) + list(nd.frozen_parameters())
+    assert len(frozen) > 100 and not any(p.requires_grad for p in frozen)
+    assert set(module.state_dict()) == {"student.weight", "student.bias"}
+    assert [name for name, _ in module.named_parameters()] == ["student.weight", "student.bias"]
+    assert not list(module.buffers())
+    module.train()
+    assert not any(m.training for t in (sd, nd) for m in t.frozen.values())
+    module.half()  # the parent's casts do not reach the teachers' weights
+    assert next(sd.frozen["unet"].parameters()).dtype == torch.float32
+    module.float()
+    module.load_state_dict(module.state_dict(), strict=True)
+
+
+def test_offload_moves_models_to_the_render_device_and_back():
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moves = []
+
+        def to(self, *args, **kwargs):
+            self.moves.append(str(args[0]))
+            return self
+
+    class Probe(Teacher):
+        def load(self):
+            self.frozen = {"model": Recorder()}
+
+        def compute_losses(self, renders, prompts, step, generator):
+            self.moves_during_call = list(self.frozen["model"].moves)
+            return [renders[0]["rgb"].sum()]
+
+    for offload, expected in ((True, ["cpu", "cpu"]), (False, ["cpu"])):
+        probe = Probe(offload=offload)
+        probe(make_render(), PROMPTS, 0)
+        assert probe.moves_during_call == ["cpu"]  # the render's device, before the call
+        assert probe.frozen["model"].moves == expected  # back to the CPU after it only with offload
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-view teachers on the reference fixtures
+
+
+def test_mvdream_camera_vectors_match_the_fixture(mv_sd_dir, cache_dir):
+    cameras, expected = fixture_cameras(MV_FIXTURE)
+    got = mv_teacher(mv_sd_dir, cache_dir).camera_condition(cameras)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["rel_x2", "abs"])
+def test_richdreamer_camera_vectors_match_the_fixture(nd_sd_dir, cache_dir, mode):
+    cameras, expected = fixture_cameras(ND_FIXTURE)
+    got = nd_teacher(nd_sd_dir, cache_dir, camera_distance=mode).camera_condition(cameras)
+    if mode == "rel_x2":
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    else:  # "abs" writes the absolute distance: same rotation, longer translation
+        view = got.view(-1, 4, 4)
+        torch.testing.assert_close(view[:, :3, :3], expected.view(-1, 4, 4)[:, :3, :3], atol=1e-5, rtol=0)
+        torch.testing.assert_close(view[:, :3, 3].norm(dim=-1), cameras.distance.flatten(), atol=1e-5, rtol=0)
+
+
+def independent_multiview_grad(teacher, x, prompts, cameras, step):
+    """The teacher's gradient recomputed from its last timesteps / noise with direct UNet calls."""
+    out = teacher.last_output
+    unet, abar = teacher.frozen["unet"], teacher.alphas_cumprod
+    processor = teacher.prompt_processor
+    cond = processor.get(prompts).repeat_interleave(4, 0)
+    uncond = processor.get([teacher.negative_prompt] * len(prompts)).repeat_interleave(4, 0)
+    camera = teacher.camera_condition(cameras)
+    t, t_plus, noise = out.timesteps, out.timesteps_plus, out.noise
+    a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+    x_t = a * x + s * noise
+    with torch.no_grad():
+        eps_c = unet(x_t, t, cond, camera, num_frames=4)
+        eps_u = unet(x_t, t, uncond, camera, num_frames=4)
+        if t_plus is None:
+            eps_2nd = eps_c
+        else:
+            ap, sp = abar[t_plus].sqrt().view(-1, 1, 1, 1), (1 - abar[t_plus]).sqrt().view(-1, 1, 1, 1)
+            eps_2nd = unet(ap * x + sp * noise, t_plus, cond, camera, num_frames=4)
+    eps_cfg = eps_u + teacher.objective.cfg_scale(step) * (eps_c - eps_u)
+    x0_cfg, x0_2nd = (x - s * eps_cfg) / a, (x - s * eps_2nd) / a
+    w = (x - x0_cfg).abs().mean(dim=(1, 2, 3), keepdim=True)
+    return (x0_2nd - x0_cfg) / (w + 0.1)
+
+
+def test_mvdream_fixture_teacher_gradient(mv_sd_dir, cache_dir):
+    teacher = mv_teacher(mv_sd_dir, cache_dir, sample_posterior=False)
+    render = make_render(size=20)
+    step = 10000
+    loss = teacher(render, PROMPTS, step, torch.Generator().manual_seed(2))["mvdream"]
+    assert teacher.objective.cfg_scale(step) == pytest.approx(15.0)  # CFG 20 -> 10 over 20k steps
+    t = teacher.last_output.timesteps.view(2, 4)
+    assert (t == t[:, :1]).all() and teacher.last_output.timesteps_plus is None  # one t per object
+    loss.backward()
+    assert nonzero_views(render["rgb"].grad).all()  # every view of every object
+    x = encode_rgb(
+        teacher.frozen["vae"], render["rgb"].detach().flatten(0, 1), teacher.resolution, False, None
+    )
+    assert x.shape[-1] == unet_params(MV_FIXTURE)["image_size"]
+    expected = independent_multiview_grad(teacher, x, PROMPTS, render.cameras, step)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(teacher.last_output.grad, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss.detach(), 0.5 * expected.square().sum() / 4, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("minus_one_one", [False, True])
+def test_richdreamer_fixture_teacher_gradient(nd_sd_dir, cache_dir, minus_one_one):
+    teacher = nd_teacher(nd_sd_dir, cache_dir, map_to_minus_one_one=minus_one_one)
+    render = make_render(size=24)
+    loss = teacher(render, PROMPTS, 0, torch.Generator().manual_seed(3))["richdreamer_nd"]
+    assert teacher.last_output.timesteps_plus is not None  # asd with plus_ratio 0.1
+    loss.backward()
+    size = unet_params(ND_FIXTURE)["image_size"]
+    maps = torch.cat([render["normal"].detach(), render["disparity"].detach()], dim=2).flatten(0, 1)
+    x = F.adaptive_avg_pool2d(maps, size)
+    x = 2 * x - 1 if minus_one_one else x
+    expected = independent_multiview_grad(teacher, x, PROMPTS, render.cameras, 0)
+    torch.testing.assert_close(teacher.last_output.grad, expected, atol=1e-4, rtol=1e-4)
+    # d loss / d maps = pooling VJP of grad / 4 views (times 2 for the [-1, 1] mapping)
+    maps_leaf = maps.clone().requires_grad_(True)
+    pooled = F.adaptive_avg_pool2d(maps_leaf, size) * (2 if minus_one_one else 1)
+    (expected_maps,) = torch.autograd.grad(pooled, maps_leaf, expected / 4)
+    got = torch.cat([render["normal"].grad, render["disparity"].grad], dim=2).flatten(0, 1)
+    torch.testing.assert_close(got, expected_maps, atol=1e-6, rtol=1e-4)
+    assert render["rgb"].grad is None
+
+
+def test_multiview_teachers_accept_two_renders(mv_sd_dir, cache_dir):
+    teacher = mv_teacher(mv_sd_dir, cache_dir)
+    mesh, volume = make_render(renderer="mesh"), make_render(size=14, renderer="volume", seed=5)
+    losses = teacher([mesh, volume], PROMPTS, 0, torch.Generator().manual_seed(0))
+    assert set(losses) == {"mvdream/mesh", "mvdream/volume"}
+    sum(losses.values()).backward()
+    assert nonzero_views(mesh["rgb"].grad).all() and nonzero_views(volume["rgb"].grad).all()
+    assert teacher.last_output.timesteps.shape == (16,)  # both renders in one teacher batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing weights
+
+
+def test_missing_weights_are_one_line_errors_with_fetch_instructions(tmp_path, cache_dir, tiny_sd_dir):
+    cases = [
+        (
+            MVDreamTeacher(ckpt_path=str(tmp_path / "sd-v2.1-base-4view.pt"), prompt_cache_dir=cache_dir),
+            ["sd-v2.1-base-4view.pt", "MVDream/MVDream", "hf download"],
+        ),
+        (
+            RichDreamerNormalDepthTeacher(
+                ckpt_path=str(tmp_path / "nd_mv_ema.ckpt"), prompt_cache_dir=cache_dir
+            ),
+            ["nd_mv_ema.ckpt", "Normal-Depth-Diffusion-Model", "wget"],
+        ),
+        (
+            StableDiffusionTeacher(
+                pretrained=str(tmp_path / "stable-diffusion-2-1-base"), prompt_cache_dir=cache_dir
+            ),
+            ["stable-diffusion-2-1-base", "hf download"],
+        ),
+    ]
+    for teacher, needles in cases:
+        with pytest.raises(TeacherWeightsNotFoundError) as info:
+            teacher(make_render(leaf=False), PROMPTS, 0)
+        message = str(info.value)
+        assert "\n" not in message, message
+        for needle in needles:
+            assert needle in message, (needle, message)
+    from lightning_modules.cli import UserError
+
+    assert issubclass(TeacherWeightsNotFoundError, UserError) and issubclass(
+        TeacherWeightsNotFoundError, FileNotFoundError
+    )
