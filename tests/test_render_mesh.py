@@ -296,3 +296,25 @@ def test_mvp_and_renderer_agree_on_pixel_centres():
     out = MeshRenderer(antialias=False).render_meshes([mesh], [torch.zeros(3, 3)], cams)
     covered = torch.nonzero(out["alpha"][0, 0, 0])
     assert covered.tolist() == [[target_row, target_col]]
+
+
+def test_renderers_are_configurable_by_class_path():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--mesh", type=torch.nn.Module)
+    parser.add_argument("--volume", type=torch.nn.Module)
+    config = parser.parse_string(
+        """
+mesh:
+  class_path: renderers.MeshRenderer
+  init_args: {resolution: 24, sdf_grad_shrink: 0.01, background: {class_path: renderers.RandomColorBackground, init_args: {per_view: true}}}
+volume:
+  class_path: renderers.NeuSVolumeRenderer
+  init_args: {patch_size: 20, num_importance_samples: 32, background: [0.5, 0.5, 0.5]}
+"""
+    )
+    built = parser.instantiate(config) if hasattr(parser, "instantiate") else parser.instantiate_classes(config)
+    assert isinstance(built.mesh, MeshRenderer) and built.mesh.marching_cubes.resolution == 24
+    assert built.mesh.sdf_grad_shrink == 0.01 and isinstance(built.mesh.background, RandomColorBackground)
+    assert built.volume.patch_size == 20 and torch.equal(built.volume.background.color, torch.tensor([0.5, 0.5, 0.5]))
