@@ -464,14 +464,21 @@ class NvdiffrastRasterizer:
     def rasterize(self, clip: Tensor, faces: Tensor, height: int, width: int) -> NvdiffrastFragments:
         clip32 = clip.float().contiguous()
         triangles = faces.to(torch.int32).contiguous()
-        rast, _ = self._dr.rasterize(self._context(clip.device), clip32, triangles, (height, width), grad_db=False)
+        if triangles.shape[0] == 0:  # nothing to draw: an all-background result
+            rast = clip32.new_zeros(clip.shape[0], height, width, 4)
+        else:
+            rast, _ = self._dr.rasterize(self._context(clip.device), clip32, triangles, (height, width), grad_db=False)
         return NvdiffrastFragments(height, width, rast, clip32, triangles)
 
     def interpolate(self, attributes: Tensor, fragments: NvdiffrastFragments) -> Tensor:
         if attributes.dim() == 2:
             attributes = attributes[None]
+        if fragments.triangles.shape[0] == 0:
+            return attributes.new_zeros(fragments.rast.shape[0], fragments.height, fragments.width, attributes.shape[-1]).float()
         out, _ = self._dr.interpolate(attributes.float().contiguous(), fragments.rast, fragments.triangles)
         return out
 
     def antialias(self, image: Tensor, fragments: NvdiffrastFragments) -> Tensor:
+        if fragments.triangles.shape[0] == 0:
+            return image
         return self._dr.antialias(image.float().contiguous(), fragments.rast, fragments.clip, fragments.triangles)
