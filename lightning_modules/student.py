@@ -150,6 +150,7 @@ class TriplaneStudent(nn.Module):
         *,
         config: StudentConfig | str | os.PathLike | None = None,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         weights_filename: str = WEIGHTS_FILENAME,
         load_text_encoder: bool = True,
     ) -> TriplaneStudent:
@@ -162,6 +163,7 @@ class TriplaneStudent(nn.Module):
                  `save_pretrained`, or a hub id (`ZhiyuanthePony/TriplaneTurbo`, file `weights_filename`).
         config:  StudentConfig or a config.json path; default: config.json beside the weights, else the
                  full-size defaults.
+        device, dtype: where the model runs (float32 by default; the reference ran in float32).
         """
         weights_file, config_path = (None, None)
         if weights is not None:
@@ -180,8 +182,8 @@ class TriplaneStudent(nn.Module):
         if weights_file is not None:
             load_student_weights(student, weights_file)
         student.eval()
-        if device is not None:
-            student.to(device)
+        if device is not None or dtype is not None:
+            student.to(device=device, dtype=dtype)
         return student
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
