@@ -32,7 +32,9 @@ What the reference does (TriplaneTurbo, commit bc047f3), established from its so
   layers of the grid get 1 - min(sdf) added (become positive); values that became exactly 0 keep their
   old value. (`allow_empty_flag: false` in the config: renders of such a mesh are NOT detached.)
   Released inference pipeline: the SDF is replaced by ||p|| - 1 (a unit sphere). Both are offered,
-  plus "error" (raise `EmptySurfaceError`), for export. Here the added offsets are constants.
+  plus "error" (raise `EmptySurfaceError`), for export. Here the added offsets are constants, and
+  "no zero crossing" means no value < 0 or no value >= 0 (the reference tests all > 0 or all < 0;
+  the two differ only when values are exactly 0).
 
 Our implementation: the topology comes from PyMCubes (or scikit-image) run on the SIGN of the padded
 grid (inside +1, outside -1), so every output vertex lies exactly at the midpoint of one grid edge and
