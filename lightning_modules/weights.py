@@ -274,7 +274,8 @@ def resolve_base(base: str | os.PathLike) -> Path:
         if not _looks_like_hub_id(text):
             raise StudentFileNotFoundError(
                 f"base model directory {text!r} does not exist; pass a diffusers Stable Diffusion directory "
-                f"or a hub id such as {BASE_HUB_ID}"
+                f"or a hub id such as {BASE_HUB_ID} (to fetch it: `huggingface-cli download {BASE_HUB_ID} "
+                f"--local-dir DIR`)"
             )
         from huggingface_hub import snapshot_download
 
@@ -525,9 +526,27 @@ def load_student_weights(student: TriplaneStudent, path: str | os.PathLike) -> s
                 view.copy_(state[key].to(view.dtype))
         return "official"
     own = student.trainable_state_dict()
+    state = _strip_wrapper_prefix(state, student)
     _check_keys(path, state, {k: tuple(v.shape) for k, v in own.items()}, hint)
     student.load_trainable_state_dict(state)
     return "own"
+
+
+def _strip_wrapper_prefix(state: dict[str, Tensor], student: TriplaneStudent) -> dict[str, Tensor]:
+    """Accept a full state dict of a module that holds the student (e.g. a Lightning checkpoint with keys
+    `student.unet...`): keep the keys under that prefix and drop the student's frozen base weights."""
+    own = student.trainable_state_dict()
+    if not own or any(k in state for k in own):
+        return state
+    probe = next(iter(own))
+    prefixes = {k[: -len(probe)] for k in state if k.endswith("." + probe)}
+    if len(prefixes) != 1:
+        return state
+    (prefix,) = prefixes
+    inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    frozen = {name for name, _ in student.named_parameters() if name not in own}
+    frozen |= {name for name, _ in student.named_buffers()}
+    return {k: v for k, v in inner.items() if k not in frozen}
 
 
 def save_own_weights(student: TriplaneStudent, directory: str | os.PathLike) -> Path:

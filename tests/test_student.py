@@ -267,3 +267,16 @@ def test_bad_inputs(student, inputs):
         student.sample(emb, noise=noise.flatten(0, 1))
     with pytest.raises(ValueError, match="objects"):
         student.sample(emb[:1], noise=noise)
+
+
+def test_checkpoint_of_a_module_holding_the_student(student, base_dir, config, inputs, tmp_path):
+    """A Lightning-style checkpoint: full state dict (frozen base included) under a `student.` prefix."""
+    holder = torch.nn.Module()
+    holder.student = student
+    path = tmp_path / "last.ckpt"
+    torch.save({"epoch": 3, "state_dict": holder.state_dict()}, path)
+    loaded = TriplaneStudent.from_pretrained(base_dir, weights=path, config=config)
+    emb, noise, points = inputs
+    torch.testing.assert_close(
+        loaded.sample(emb, noise=noise).sdf(points), student.sample(emb, noise=noise).sdf(points)
+    )
