@@ -123,6 +123,10 @@ class MultiViewTeacher(ScoreDistillationTeacher):
     def camera_condition(self, cameras: Cameras) -> Tensor:
         raise NotImplementedError
 
+    def concat_condition(self, render: RenderOutput, latent_size: tuple[int, int]) -> Tensor | None:
+        """Extra UNet input channels `[B * V, C', h, w]` appended to x (RichDreamer albedo: disparity)."""
+        return None
+
     def compute_losses(
         self,
         renders: list[RenderOutput],
@@ -137,6 +141,8 @@ class MultiViewTeacher(ScoreDistillationTeacher):
                 raise ValueError(f"{self.name}: all renders of one call need the same number of views")
         x = torch.cat([self.latents(render, generator) for render in renders])  # [R * B * V, 4, h, w]
         device = x.device
+        concats = [self.concat_condition(render, tuple(x.shape[-2:])) for render in renders]
+        concat = torch.cat(concats).to(device) if concats[0] is not None else None
         abar = self.alphas_cumprod.to(device)
         camera = torch.cat([self.camera_condition(render.cameras.to(device)) for render in renders]).float()
         cond, uncond = self.text_embeddings(prompts, batch, device)
@@ -151,6 +157,7 @@ class MultiViewTeacher(ScoreDistillationTeacher):
                 context.to(self.dtype),
                 camera.repeat(blocks, 1).to(self.dtype),
                 num_frames=num_views,
+                **({"concat": concat.repeat(blocks, 1, 1, 1)} if concat is not None else {}),
             ).float()
             if self.prediction_type == "v_prediction":  # eps = alpha_t v + sigma_t x_t
                 out = abar[t].sqrt().view(-1, 1, 1, 1) * out + (1 - abar[t]).sqrt().view(-1, 1, 1, 1) * x_t

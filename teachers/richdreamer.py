@@ -8,8 +8,12 @@ model was trained on). Text from the SD 1.5 text encoder (768-d); cameras conver
 `camera_vectors(..., convention="richdreamer")` at the distance chosen by `camera_distance`:
 "rel_x2" (reference: 2 x relative distance, relative = absolute x tan(fovy / 2)), "rel" or "abs".
 
-RichDreamer's albedo model is not provided: the TriplaneTurbo reference does not use it and its
-architecture is not pinned down by the public facts this project checks against (no fixture).
+`RichDreamerAlbedoTeacher` wraps RichDreamer's depth-conditioned albedo model
+(`albedo_mv_ema.ckpt`, not used by the TriplaneTurbo reference): the "rgb" render (unshaded colour,
+i.e. albedo) encoded by the SD VAE like MVDream, the disparity (mapped to [-1, 1], nearest-resized
+to the latent size, no gradient) appended as a 5th UNet input channel, SD 2.1 text embeddings and
+RichDreamer cameras. Its architecture comes from `teachers/configs/richdreamer_albedo_mv.yaml`; no
+reference fixture pins its numbers, and its guidance defaults below follow MVDream's.
 """
 
 from __future__ import annotations
@@ -21,10 +25,34 @@ from torch import Tensor
 from lightning_modules.schedules import ScheduleLike
 from renderers.types import Cameras, RenderOutput
 from teachers.base import render_image
-from teachers.mvdream import NEGATIVE_PROMPT, MultiViewTeacher
+from teachers.mvdream import NEGATIVE_PROMPT, MultiViewTeacher, MVDreamTeacher
+from teachers.stable_diffusion import DEFAULT_SD
 
 DEFAULT_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CAMERA_DISTANCES = ("rel_x2", "rel", "abs")
+
+
+def richdreamer_distances(cameras: Cameras, mode: str) -> Tensor:
+    """The distance `[B, V]` written into RichDreamer camera vectors: "rel_x2" = 2 x relative
+    distance (relative = absolute x tan(fovy / 2)), "rel" or "abs" (the absolute distance)."""
+    if mode not in CAMERA_DISTANCES:
+        raise ValueError(f"camera_distance {mode!r} is not one of {', '.join(CAMERA_DISTANCES)}")
+    if mode == "abs":
+        return cameras.distance
+    relative = cameras.distance * torch.tan(cameras.fovy / 2)
+    return 2 * relative if mode == "rel_x2" else relative
+
+
+def richdreamer_camera_vectors(cameras: Cameras, mode: str) -> Tensor:
+    """RichDreamer camera vectors `[B * V, 16]` (Rz(-90 deg) world rotation, scaled translation)."""
+    from teachers.multiview_unet import camera_vectors
+
+    return camera_vectors(
+        cameras.elevation.flatten(),
+        cameras.azimuth.flatten(),
+        richdreamer_distances(cameras, mode).flatten(),
+        convention="richdreamer",
+    )
 
 
 class RichDreamerNormalDepthTeacher(MultiViewTeacher):
@@ -115,20 +143,94 @@ class RichDreamerNormalDepthTeacher(MultiViewTeacher):
         maps = F.adaptive_avg_pool2d(maps, (self.resolution, self.resolution))
         return maps * 2 - 1 if self.map_to_minus_one_one else maps
 
-    def camera_distances(self, cameras: Cameras) -> Tensor:
-        """The distance `[B, V]` written into the camera vector (see `camera_distance`)."""
-        if self.camera_distance == "abs":
-            return cameras.distance
-        relative = cameras.distance * torch.tan(cameras.fovy / 2)
-        return 2 * relative if self.camera_distance == "rel_x2" else relative
-
     def camera_condition(self, cameras: Cameras) -> Tensor:
         """RichDreamer ND camera vectors `[B * V, 16]`."""
-        from teachers.multiview_unet import camera_vectors
+        return richdreamer_camera_vectors(cameras, self.camera_distance)
 
-        return camera_vectors(
-            cameras.elevation.flatten(),
-            cameras.azimuth.flatten(),
-            self.camera_distances(cameras).flatten(),
-            convention="richdreamer",
+
+class RichDreamerAlbedoTeacher(MVDreamTeacher):
+    """RichDreamer depth-conditioned albedo (Albedo-MV) teacher on the "rgb" + "disparity" renders.
+
+    Args:
+        ckpt_path: the released `albedo_mv_ema.ckpt` (only the UNet keys are used).
+        config_path: its yaml; default: the copy bundled in `teachers/configs/`.
+        vae, text_encoder: SD 2.1-base directories / hub ids (VAE of the renders, 1024-d text).
+        camera_distance: as for `RichDreamerNormalDepthTeacher`.
+        Everything else as for `MVDreamTeacher` (same defaults).
+    """
+
+    default_name = "richdreamer_albedo"
+    model_label = "RichDreamer albedo"
+    hub_filename = "albedo_mv_ema.ckpt"
+    camera_convention = "richdreamer"
+
+    def __init__(
+        self,
+        ckpt_path: str = "pretrained/albedo_mv_ema.ckpt",
+        config_path: str | None = None,
+        hub_id: str | None = None,
+        vae: str = DEFAULT_SD,
+        text_encoder: str = DEFAULT_SD,
+        negative_prompt: str = NEGATIVE_PROMPT,
+        resolution: int = 256,
+        camera_distance: str = "rel_x2",
+        sample_posterior: bool = True,
+        gradient_checkpointing: bool = False,
+        objective: str = "asd",
+        weighting: str = "dmd",
+        cfg_scale: ScheduleLike = (0, 20.0, 10.0, 20000),
+        t_min: ScheduleLike = (0, 0.5, 0.02, 20000),
+        t_max: ScheduleLike = 0.98,
+        plus_ratio: float = 0.0,
+        plus_random: bool = True,
+        dmd_eps: float = 0.1,
+        csd_scale: float = 1.0,
+        grad_clip: ScheduleLike | None = None,
+        prompt_cache_dir: str | None = None,
+        text_encoder_device: str | None = None,
+        weight: ScheduleLike = 1.0,
+        name: str | None = None,
+        dtype: str = "float32",
+        offload: bool = False,
+    ) -> None:
+        if camera_distance not in CAMERA_DISTANCES:
+            raise ValueError(
+                f"camera_distance {camera_distance!r} is not one of {', '.join(CAMERA_DISTANCES)}"
+            )
+        super().__init__(
+            ckpt_path=ckpt_path,
+            config_path=config_path,
+            hub_id=hub_id,
+            vae=vae,
+            text_encoder=text_encoder,
+            negative_prompt=negative_prompt,
+            resolution=resolution,
+            sample_posterior=sample_posterior,
+            gradient_checkpointing=gradient_checkpointing,
+            objective=objective,
+            weighting=weighting,
+            cfg_scale=cfg_scale,
+            t_min=t_min,
+            t_max=t_max,
+            plus_ratio=plus_ratio,
+            plus_random=plus_random,
+            dmd_eps=dmd_eps,
+            csd_scale=csd_scale,
+            grad_clip=grad_clip,
+            prompt_cache_dir=prompt_cache_dir,
+            text_encoder_device=text_encoder_device,
+            weight=weight,
+            name=name,
+            dtype=dtype,
+            offload=offload,
         )
+        self.camera_distance = camera_distance
+
+    def concat_condition(self, render: RenderOutput, latent_size: tuple[int, int]) -> Tensor:
+        """Disparity `[B * V, 1, h, w]` in [-1, 1], nearest-resized to the latent size (a condition: no gradient)."""
+        disparity = render_image(render, "disparity", 1, type(self).__name__).detach().flatten(0, 1).float()
+        return F.interpolate(disparity * 2 - 1, size=latent_size, mode="nearest")
+
+    def camera_condition(self, cameras: Cameras) -> Tensor:
+        """RichDreamer camera vectors `[B * V, 16]`."""
+        return richdreamer_camera_vectors(cameras, self.camera_distance)

@@ -14,7 +14,7 @@ from teachers.base import Teacher, TeacherWeightsNotFoundError
 from teachers.ensemble import TeacherEnsemble
 from teachers.mvdream import MVDreamTeacher
 from teachers.prompt_cache import PromptEmbeddings
-from teachers.richdreamer import RichDreamerNormalDepthTeacher
+from teachers.richdreamer import RichDreamerAlbedoTeacher, RichDreamerNormalDepthTeacher
 from teachers.stable_diffusion import StableDiffusionTeacher, encode_rgb
 from tests.teacher_helpers import (
     MV_FIXTURE,
@@ -268,7 +268,7 @@ def test_richdreamer_camera_vectors_match_the_fixture(nd_sd_dir, cache_dir, mode
         torch.testing.assert_close(view[:, :3, 3].norm(dim=-1), cameras.distance.flatten(), atol=1e-5, rtol=0)
 
 
-def independent_multiview_grad(teacher, x, prompts, cameras, step):
+def independent_multiview_grad(teacher, x, prompts, cameras, step, concat=None):
     """The teacher's gradient recomputed from its last timesteps / noise with direct UNet calls."""
     out = teacher.last_output
     unet, abar = teacher.frozen["unet"], teacher.alphas_cumprod
@@ -279,14 +279,15 @@ def independent_multiview_grad(teacher, x, prompts, cameras, step):
     t, t_plus, noise = out.timesteps, out.timesteps_plus, out.noise
     a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
     x_t = a * x + s * noise
+    extra = {} if concat is None else {"concat": concat}
     with torch.no_grad():
-        eps_c = unet(x_t, t, cond, camera, num_frames=4)
-        eps_u = unet(x_t, t, uncond, camera, num_frames=4)
+        eps_c = unet(x_t, t, cond, camera, num_frames=4, **extra)
+        eps_u = unet(x_t, t, uncond, camera, num_frames=4, **extra)
         if t_plus is None:
             eps_2nd = eps_c
         else:
             ap, sp = abar[t_plus].sqrt().view(-1, 1, 1, 1), (1 - abar[t_plus]).sqrt().view(-1, 1, 1, 1)
-            eps_2nd = unet(ap * x + sp * noise, t_plus, cond, camera, num_frames=4)
+            eps_2nd = unet(ap * x + sp * noise, t_plus, cond, camera, num_frames=4, **extra)
     eps_cfg = eps_u + teacher.objective.cfg_scale(step) * (eps_c - eps_u)
     x0_cfg, x0_2nd = (x - s * eps_cfg) / a, (x - s * eps_2nd) / a
     w = (x - x0_cfg).abs().mean(dim=(1, 2, 3), keepdim=True)
@@ -335,6 +336,62 @@ def test_richdreamer_fixture_teacher_gradient(nd_sd_dir, cache_dir, minus_one_on
     assert render["rgb"].grad is None
 
 
+@pytest.fixture(scope="module")
+def albedo_checkpoint(tmp_path_factory):
+    """A tiny random RichDreamer-albedo-like model: the MVDream fixture's sizes, 5 input channels
+    (4 latent + disparity through `concat`), conditioning_key hybrid; original-layout checkpoint + yaml."""
+    import yaml
+
+    from teachers.multiview_unet import MultiViewUNet
+
+    directory = tmp_path_factory.mktemp("albedo")
+    config = yaml.safe_load((MV_FIXTURE / "config.yaml").read_text())
+    config["model"]["params"].update(conditioning_key="hybrid", cond_method="cat_d")
+    config["model"]["params"]["unet_config"]["params"]["in_channels"] = 5
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    model = MultiViewUNet.from_original_config(directory / "config.yaml")
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    torch.save({"state_dict": model.original_state_dict()}, directory / "albedo_mv_ema.ckpt")
+    return directory
+
+
+def test_richdreamer_albedo_teacher_uses_disparity_as_a_condition(mv_sd_dir, cache_dir, albedo_checkpoint):
+    teacher = RichDreamerAlbedoTeacher(
+        ckpt_path=str(albedo_checkpoint / "albedo_mv_ema.ckpt"),
+        config_path=str(albedo_checkpoint / "config.yaml"),
+        vae=str(mv_sd_dir),
+        text_encoder=str(mv_sd_dir),
+        resolution=unet_params(MV_FIXTURE)["image_size"] * vae_factor(mv_sd_dir),
+        sample_posterior=False,
+        prompt_cache_dir=cache_dir,
+        text_encoder_device="cpu",
+    )
+    render = make_render(size=20)
+    loss = teacher(render, PROMPTS, 0, torch.Generator().manual_seed(4))["richdreamer_albedo"]
+    loss.backward()
+    assert nonzero_views(render["rgb"].grad).all()
+    assert render["disparity"].grad is None  # a condition, not distilled
+    x = encode_rgb(
+        teacher.frozen["vae"], render["rgb"].detach().flatten(0, 1), teacher.resolution, False, None
+    )
+    disparity = render["disparity"].detach().flatten(0, 1)
+    concat = F.interpolate(2 * disparity - 1, size=x.shape[-2:], mode="nearest")
+    expected = independent_multiview_grad(teacher, x, PROMPTS, render.cameras, 0, concat=concat)
+    torch.testing.assert_close(teacher.last_output.grad, expected, atol=1e-4, rtol=1e-4)
+    without_depth = independent_multiview_grad(
+        teacher, x, PROMPTS, render.cameras, 0, concat=torch.zeros_like(concat)
+    )
+    assert (without_depth - expected).abs().max() > 1e-3  # the disparity channel matters
+    cameras, nd_vectors = fixture_cameras(ND_FIXTURE)  # same camera convention as the ND model
+    torch.testing.assert_close(teacher.camera_condition(cameras), nd_vectors, atol=1e-5, rtol=0)
+
+
 def test_multiview_teachers_accept_two_renders(mv_sd_dir, cache_dir):
     teacher = mv_teacher(mv_sd_dir, cache_dir)
     mesh, volume = make_render(renderer="mesh"), make_render(size=14, renderer="volume", seed=5)
@@ -360,6 +417,12 @@ def test_missing_weights_are_one_line_errors_with_fetch_instructions(tmp_path, c
                 ckpt_path=str(tmp_path / "nd_mv_ema.ckpt"), prompt_cache_dir=cache_dir
             ),
             ["nd_mv_ema.ckpt", "Normal-Depth-Diffusion-Model", "wget"],
+        ),
+        (
+            RichDreamerAlbedoTeacher(
+                ckpt_path=str(tmp_path / "albedo_mv_ema.ckpt"), prompt_cache_dir=cache_dir
+            ),
+            ["albedo_mv_ema.ckpt", "Normal-Depth-Diffusion-Model", "wget"],
         ),
         (
             StableDiffusionTeacher(
