@@ -24,7 +24,17 @@ class UserError(Exception):
     """A problem with the user's input or files; printed as one line, exit code 2."""
 
 
+def _quiet_model_loading() -> None:
+    """Per-file "Loading weights" bars of transformers / diffusers say nothing useful on the command line."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def _run_extra(name: str, argv: list[str]) -> int:
+    _quiet_model_loading()
     module_name, func_name = EXTRA_COMMANDS[name].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return int(func(argv) or 0)
@@ -61,4 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-import so that `python -m lightning_modules.cli` and the other modules share one UserError class.
+    from lightning_modules.cli import main as _main
+
+    sys.exit(_main())

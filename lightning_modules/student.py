@@ -382,7 +382,7 @@ class TriplaneStudent(nn.Module):
         return noise.to(device or self.device, self.dtype)
 
     @torch.no_grad()
-    def sample(
+    def denoise(
         self,
         text_embeddings: Tensor,
         noise: Tensor | None = None,
@@ -390,10 +390,11 @@ class TriplaneStudent(nn.Module):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         return_intermediates: bool = False,
-    ) -> TriplaneField | tuple[TriplaneField, SamplerTrace]:
+    ) -> Tensor | tuple[Tensor, SamplerTrace]:
         """Few-step DDIM from noise `[B, 6, C, h, w]` (drawn with `generator` / `seed` when None).
 
-        Returns the field decoded from the last step's x0 (and the per-step trace if requested).
+        Returns the last step's x0 `[B, 6, C, h, w]`, the latents `decode` turns into a field (and the
+        per-step trace if requested).
         """
         b = text_embeddings.shape[0]
         if noise is None:
@@ -416,7 +417,21 @@ class TriplaneStudent(nn.Module):
                 trace.x0.append(x0)
                 trace.prev_sample.append(x)
         trace.latents = x0
-        field = self.decode(x0)
+        return (x0, trace) if return_intermediates else x0
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text_embeddings: Tensor,
+        noise: Tensor | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        return_intermediates: bool = False,
+    ) -> TriplaneField | tuple[TriplaneField, SamplerTrace]:
+        """`decode(denoise(...))`: the field of the few-step sample (and the per-step trace if requested)."""
+        latents, trace = self.denoise(text_embeddings, noise, num_steps, generator, seed, return_intermediates=True)
+        field = self.decode(latents)
         return (field, trace) if return_intermediates else field
 
 

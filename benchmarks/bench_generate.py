@@ -1,0 +1,120 @@
+"""Time `prd generate` stage by stage for the FULL-SIZE TriplaneTurbo student with random weights.
+
+    .venv/bin/python benchmarks/bench_generate.py [--device cpu|cuda] [--resolution 160] [--prompts 1]
+
+Builds SD 2.1-base's UNet, VAE decoder and text encoder from their public configs (no download; the
+tokenizer is the small real CLIP BPE of the test fixtures), adds the adapters, and runs the same
+code path as `prd generate` (text encoding, 4 DDIM steps, triplane decoding, marching cubes at
+160^3, GLB export). It then times the bare networks the pipeline cannot avoid (4 UNet forwards and
+one VAE-decoder forward, adapters disabled) and prints
+
+    overhead = total generate time / (UNet x 4 + VAE decoder) time        goal: <= 1.25
+
+Random weights make the SDF arbitrary: marching cubes runs on whatever surface the random field has
+(or the unit-sphere fallback), so mesh sizes differ from a trained model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "tests" / "fixtures" / "reference" / "triplaneturbo_ref_A" / "base" / "tokenizer"
+
+
+def build_full_size_student(device: torch.device, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lightning_modules.sd_configs import (
+        SD21_BASE_TEXT_ENCODER_CONFIG,
+        SD21_BASE_UNET_CONFIG,
+        SD21_BASE_VAE_CONFIG,
+    )
+    from lightning_modules.student import TriplaneStudent
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD21_BASE_UNET_CONFIG)
+    vae = AutoencoderKL(**SD21_BASE_VAE_CONFIG)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD21_BASE_TEXT_ENCODER_CONFIG))
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    student = TriplaneStudent(unet, vae, text_encoder, tokenizer)
+    # Give the zero-initialised up-projections values, so the adapters cost what trained ones cost.
+    with torch.no_grad():
+        for p in student.trainable_parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 1e-3)
+    return student.to(device=device, dtype=dtype).eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_bare_networks(student, emb, noise, repeats: int) -> tuple[float, float]:
+    """Seconds of 4 UNet forwards (adapters disabled) and of one VAE decoder forward of 6 planes."""
+    device = student.device
+    x = noise.flatten(0, 1)
+    cond = emb.repeat_interleave(6, dim=0)
+    best_unet = best_vae = float("inf")
+    with student.adapters_disabled():
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            for t in student.sampling_timesteps().tolist():
+                student.unet(x, t, encoder_hidden_states=cond)
+            sync(device)
+            t1 = time.perf_counter()
+            student.vae.decoder(student.vae.post_quant_conv(x))
+            sync(device)
+            best_unet = min(best_unet, t1 - t0)
+            best_vae = min(best_vae, time.perf_counter() - t1)
+    return best_unet, best_vae
+
+
+def main() -> None:
+    from lightning_modules.generate import StageTimer, generate_meshes
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--resolution", type=int, default=160)
+    parser.add_argument("--prompts", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="timed repetitions (the best is kept)")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    t0 = time.perf_counter()
+    student = build_full_size_student(device, dtype)
+    print(f"built the full-size student in {time.perf_counter() - t0:.1f} s on {device} ({args.dtype}, "
+          f"{torch.get_num_threads()} threads)")
+    prompts = [f"a DSLR photo of object number {i}" for i in range(args.prompts)]
+
+    with tempfile.TemporaryDirectory() as out:
+        generate_meshes(student, prompts, out, resolution=args.resolution, batch_size=len(prompts), progress=False)
+        best = None
+        for _ in range(args.repeats):
+            timer = StageTimer()
+            records = generate_meshes(student, prompts, out, resolution=args.resolution,
+                                      batch_size=len(prompts), timer=timer, progress=False)
+            if best is None or timer.total < best.total:
+                best = timer
+    print(best.table(len(prompts)))
+    print(f"mesh sizes: {[(r['vertices'], r['faces']) for r in records]}")
+
+    emb = student.encode_prompt(prompts)
+    noise = torch.cat([student.make_noise(1, seed=i) for i in range(len(prompts))])
+    unet_s, vae_s = time_bare_networks(student, emb, noise, args.repeats)
+    print(f"bare networks: UNet x 4 {unet_s:.3f} s + VAE decoder {vae_s:.3f} s = {unet_s + vae_s:.3f} s")
+    print(f"overhead = total / (UNet + VAE) = {best.total / (unet_s + vae_s):.3f}   (goal <= 1.25)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""`prd generate` end to end on the tiny reference model (tests/fixtures/reference/triplaneturbo_ref_A)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from lightning_modules.cli import main
+from lightning_modules.generate import StageTimer, generate_meshes
+from lightning_modules.student import TriplaneStudent
+from renderers.export import viewer_to_world
+from renderers.marching_cubes import extract_mesh
+
+PROMPTS = ["a red car", "a blue chair"]
+
+
+@pytest.fixture(scope="module")
+def ref_weights(fixtures_dir):
+    return fixtures_dir / "triplaneturbo_ref_A" / "triplane_turbo.pth"
+
+
+@pytest.fixture(scope="module")
+def student(ref_weights):
+    return TriplaneStudent.from_pretrained(None, weights=ref_weights)
+
+
+def _run(argv, capsys):
+    code = main(["generate", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("fmt", ["glb", "obj", "ply"])
+def test_cli_writes_meshes_that_load_back(tmp_path, capsys, ref_weights, student, fmt):
+    out = tmp_path / fmt
+    code, stdout, _ = _run([*PROMPTS, "--weights", str(ref_weights), "--out", str(out), "--resolution", "40",
+                            "--format", fmt, "--seed", "7", "--no-progress"], capsys)
+    assert code == 0
+    for stage in ("text encoding", "denoising", "triplane decoding", "mesh extraction", "export", "total"):
+        assert stage in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [m["prompt"] for m in manifest["meshes"]] == PROMPTS
+
+    # The same computation through the library: the files hold exactly its vertices and colours.
+    emb = student.encode_prompt(PROMPTS)
+    noise = torch.cat([student.make_noise(1, seed=7 + i) for i in range(2)])
+    field = student.sample(emb, noise=noise)
+    meshes = extract_mesh(field, resolution=40)
+    for i, (record, mesh) in enumerate(zip(manifest["meshes"], meshes, strict=True)):
+        loaded = trimesh.load(out / record["file"], process=False, force="mesh")
+        assert len(loaded.vertices) == mesh.num_vertices == record["vertices"] > 0
+        assert len(loaded.faces) == mesh.num_faces
+        world = viewer_to_world(np.asarray(loaded.vertices))
+        np.testing.assert_allclose(world, mesh.vertices.detach().numpy(), atol=1e-5)
+        points = torch.as_tensor(world, dtype=torch.float32)[None].expand(2, -1, -1)
+        expected_rgb = field.color(points)[i].clamp(0, 1).detach().numpy()
+        got = loaded.visual.vertex_colors[:, :3].astype(np.float64) / 255
+        assert np.abs(got - expected_rgb).max() <= 0.5 / 255 + 1e-6
+
+
+def test_meshes_do_not_depend_on_batch_size(tmp_path, student):
+    a = generate_meshes(student, PROMPTS, tmp_path / "a", seed=3, resolution=24, batch_size=1, progress=False)
+    b = generate_meshes(student, PROMPTS, tmp_path / "b", seed=3, resolution=24, batch_size=2, progress=False)
+    for ra, rb in zip(a, b, strict=True):
+        ma = trimesh.load(tmp_path / "a" / ra["file"], process=False, force="mesh")
+        mb = trimesh.load(tmp_path / "b" / rb["file"], process=False, force="mesh")
+        np.testing.assert_allclose(ma.vertices, mb.vertices, atol=1e-5)
+
+
+def test_timer_accumulates_every_stage(tmp_path, student):
+    timer = StageTimer()
+    generate_meshes(student, PROMPTS[:1], tmp_path, resolution=16, timer=timer, progress=False)
+    assert set(timer.seconds) == {"text encoding", "denoising", "triplane decoding", "mesh extraction", "export"}
+    assert timer.total == pytest.approx(sum(timer.seconds.values())) and timer.total > 0
+
+
+def _one_line_error(code, err):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("prd: error: "), err
+    return lines[0]
+
+
+def test_empty_prompt_is_one_line_error(tmp_path, capsys, ref_weights):
+    code, _, err = _run(["a cat", "  ", "--weights", str(ref_weights), "--out", str(tmp_path)], capsys)
+    assert "prompt 2 is empty" in _one_line_error(code, err)
+    code, _, err = _run(["--weights", str(ref_weights), "--out", str(tmp_path)], capsys)
+    assert "no prompt given" in _one_line_error(code, err)
+
+
+def test_missing_base_directory_is_one_line_error(tmp_path, capsys, ref_weights):
+    code, _, err = _run(["a cat", "--base", str(tmp_path / "nope"), "--weights", str(ref_weights),
+                         "--out", str(tmp_path / "o")], capsys)
+    line = _one_line_error(code, err)
+    assert str(tmp_path / "nope") in line
+
+
+def test_wrong_and_corrupt_weights_are_one_line_errors(tmp_path, capsys, fixtures_dir):
+    base = str(fixtures_dir / "triplaneturbo_ref_A" / "base")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    code, _, err = _run(["a cat", "--base", base, "--weights", str(corrupt), "--out", str(tmp_path / "o")], capsys)
+    assert "corrupt.pth" in _one_line_error(code, err)
+
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"state_dict": {"geometry.something_else.weight": torch.zeros(2)}}, wrong)
+    code, _, err = _run(["a cat", "--base", base, "--weights", str(wrong), "--out", str(tmp_path / "o")], capsys)
+    line = _one_line_error(code, err)
+    assert "wrong.pth" in line and "missing" in line.lower()
+
+    code, _, err = _run(["a cat", "--base", base, "--weights", str(tmp_path / "absent.pth"),
+                         "--out", str(tmp_path / "o")], capsys)
+    assert "absent.pth" in _one_line_error(code, err)
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lightning_modules.cli", "generate", "", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == "prd: error: prompt 1 is empty: every prompt must contain text"
