@@ -217,6 +217,7 @@ class TorchFragments:
     clip: Tensor
     faces: Tensor
     opposite: Tensor
+    antialias_work: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # cached by TorchRasterizer.antialias
 
     @property
     def num_views(self) -> int:
@@ -343,9 +344,21 @@ class TorchRasterizer:
     def antialias(self, image: Tensor, fragments: TorchFragments) -> Tensor:
         """image: [V, H, W, C] -> anti-aliased [V, H, W, C] (nvdiffrast's silhouette-edge blending)."""
         views, height, width, channels = image.shape
-        x, y, _, _ = clip_to_pixels(fragments.clip, height, width)
+        if fragments.antialias_work is None:  # the geometric analysis is shared by every image of these fragments
+            fragments.antialias_work = self._antialias_work(fragments)
+        target, pixel0, pixel1, alpha = fragments.antialias_work
+        if target.numel() == 0:
+            return image
         flat = image.reshape(-1, channels)
-        delta_index, delta_value = [], []
+        out = flat.index_put((target,), alpha[:, None].to(flat.dtype) * (flat[pixel1] - flat[pixel0]), accumulate=True)
+        return out.view(views, height, width, channels)
+
+    def _antialias_work(self, fragments: TorchFragments) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Blends of the anti-aliasing: output pixel, the two pixels of each pair, and alpha (differentiable
+        w.r.t. the vertex positions): output[target] += alpha * (image[pixel1] - image[pixel0])."""
+        height, width = fragments.height, fragments.width
+        x, y, _, _ = clip_to_pixels(fragments.clip, height, width)
+        targets, pixels0, pixels1, alphas = [], [], [], []
         for down in (False, True):
             face = fragments.face_index
             depth = fragments.depth_ndc
@@ -392,13 +405,14 @@ class TorchRasterizer:
             dc = chosen[ok].clamp(0.0, 1.0)
             alpha = sign[ok, 0] * (0.5 - dc)
             p0, p1 = pixel0[ok], pixel1[ok]
-            target = torch.where(alpha.detach() > 0, p0, p1)
-            delta_index.append(target)
-            delta_value.append(alpha[:, None].to(flat.dtype) * (flat[p1] - flat[p0]))
-        if not delta_index:
-            return image
-        out = flat.index_put((torch.cat(delta_index),), torch.cat(delta_value), accumulate=True)
-        return out.view(views, height, width, channels)
+            targets.append(torch.where(alpha.detach() > 0, p0, p1))
+            pixels0.append(p0)
+            pixels1.append(p1)
+            alphas.append(alpha)
+        if not targets:
+            empty = torch.zeros(0, dtype=torch.long, device=x.device)
+            return empty, empty, empty, x.new_zeros(0)
+        return torch.cat(targets), torch.cat(pixels0), torch.cat(pixels1), torch.cat(alphas)
 
     @staticmethod
     def _silhouette(px: Tensor, py: Tensor, ox: Tensor, oy: Tensor) -> Tensor:
