@@ -178,6 +178,20 @@ def test_sd_half_precision_weights_keep_a_float32_loss(tiny_sd_dir, cache_dir, d
     assert render["rgb"].grad.abs().sum() > 0
 
 
+def test_sd_vae_gradient_checkpointing_gives_the_same_gradient(tiny_sd_dir, cache_dir):
+    grads = []
+    for checkpointing in (False, True):
+        teacher = sd_teacher(
+            tiny_sd_dir, cache_dir, sample_posterior=False, gradient_checkpointing=checkpointing
+        )
+        render = make_render()
+        teacher(render, PROMPTS, 0, torch.Generator().manual_seed(7))["stable_diffusion"].backward()
+        assert teacher.frozen["vae"].encoder.gradient_checkpointing == checkpointing
+        grads.append(render["rgb"].grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_bad_inputs_are_clear_errors(tiny_sd_dir, cache_dir):
     teacher = sd_teacher(tiny_sd_dir, cache_dir)
     render = make_render()
@@ -390,6 +404,18 @@ def test_richdreamer_albedo_teacher_uses_disparity_as_a_condition(mv_sd_dir, cac
     assert (without_depth - expected).abs().max() > 1e-3  # the disparity channel matters
     cameras, nd_vectors = fixture_cameras(ND_FIXTURE)  # same camera convention as the ND model
     torch.testing.assert_close(teacher.camera_condition(cameras), nd_vectors, atol=1e-5, rtol=0)
+
+
+def test_multiview_teacher_in_bfloat16(nd_sd_dir, cache_dir):
+    teacher = nd_teacher(nd_sd_dir, cache_dir, dtype="bfloat16")
+    render = make_render()
+    loss = teacher(render, PROMPTS, 0, torch.Generator().manual_seed(0))["richdreamer_nd"]
+    assert next(teacher.frozen_parameters()).dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    for name in ("normal", "disparity"):
+        grad = render[name].grad
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_multiview_teachers_accept_two_renders(mv_sd_dir, cache_dir):
