@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Stand-in until the CPU training demo lands: prompt -> mesh with the tiny reference model.
+DEMO_WEIGHTS := tests/fixtures/reference/triplaneturbo_ref_A/triplane_turbo.pth
 demo: $(STAMP)
-	$(BIN)/python -m lightning_modules.demo
+	$(BIN)/prd generate "a DSLR photo of a corgi wearing a red party hat" "a wooden chair" \
+		--weights $(DEMO_WEIGHTS) --out outputs/demo --resolution 64 --format glb
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup

@@ -5,12 +5,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# One pytest-xdist worker per core: more threads than cores makes OpenMP spin and slows everything down.
+_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))  # also for the subprocesses tests start
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.tiny_sd import FIXTURES, make_tiny_sd  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")
