@@ -32,6 +32,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -461,8 +462,6 @@ def check_run_config(out_dir: Path, config: dict, overwrite: bool) -> None:
     if overwrite:
         for name in (PROGRESS_JSONL, GENERATED_JSONL):
             (out_dir / name).unlink(missing_ok=True)
-        import shutil
-
         shutil.rmtree(out_dir / RENDERS_DIR, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -504,7 +503,8 @@ def generate_missing_meshes(
         from lightning_modules.generate import generate_meshes
         from lightning_modules.student import TriplaneStudent
 
-        mesh_dir, partial = out_dir / MESHES_DIR, out_dir / MESHES_DIR / ".partial"
+        mesh_dir = (out_dir / MESHES_DIR).resolve()
+        partial = mesh_dir / ".partial"
         student = TriplaneStudent.from_pretrained(args.base, args.weights, device=resolve_device(args.device))
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generate", unit="mesh", disable=not progress)
         for batch in _consecutive_batches(todo, args.batch_size):
@@ -525,6 +525,7 @@ def generate_missing_meshes(
                 append_jsonl(out_dir / GENERATED_JSONL, {"index": i, "prompt": prompts[i], "mesh": str(path)})
             bar.update(len(batch))
         bar.close()
+        shutil.rmtree(partial, ignore_errors=True)
         del student
     return [records[(i, p)] for i, p in enumerate(prompts)]
 
