@@ -1,0 +1,742 @@
+"""`PRDModule`: Progressive Rendering Distillation of a `TriplaneStudent` with frozen teachers (no 3D data).
+
+    model:
+      class_path: lightning_modules.prd_module.PRDModule
+      init_args:
+        base: stabilityai/stable-diffusion-2-1-base     # the student's Stable Diffusion
+        renderers: {mesh: {class_path: renderers.MeshRenderer}, volume: {class_path: renderers.NeuSVolumeRenderer}}
+        teachers: {class_path: teachers.ensemble.TeacherEnsemble, init_args: {teachers: {...}}}
+
+One training batch (the reference loop, manual optimisation):
+
+    latent = noise [B, 6, 4, h, w]                                   (seeded by batch["seed"])
+    for t in 999, 749, 499, 249:
+        x0 = student.predict_x0(add_noise(latent, fresh noise, t), t, text)
+        field = student.decode(x0);  cameras = new random cameras
+        renders = every renderer (field, cameras);  loss = teachers(renders) + regularisers
+        backward(loss / steps / accumulate_grad_batches) at once;  latent = x0.detach()
+    every accumulate_grad_batches batches: optional clipping, ONE optimizer step, zero_grad
+
+Every random draw of a batch (noise, cameras, volume-renderer jitter and patch, teacher timesteps and
+noise) comes from one CPU generator seeded with `batch["seed"]`, so a batch is reproducible on any
+device and a resumed run repeats the uninterrupted one.
+
+A NaN / inf loss term, latent or gradient marks the accumulation window: at its end the optimizer step
+is skipped, the gradients of the WHOLE window are dropped (a NaN poisons the sum, so a single batch
+cannot be taken out), `train/nonfinite_skips` is incremented and a warning logged; training goes on
+(and stops with an error after `max_consecutive_skips` skipped windows in a row). Under DDP the
+decision is shared by all ranks, so they stay in step.
+
+Checkpoints hold only what trains (adapters, the new VAE conv_out, the MLPs, a learned background),
+the optimizer state, the data position (saved by the DataModule), the accumulation window and the
+skip counter; never the frozen base or the teachers. `load_state_dict` checks the trainable keys strictly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_modules.cli import UserError
+from lightning_modules.clip_score import CLIPScore3D
+from lightning_modules.prd_logging import mesh_colors, render_grid, slug, tensorboard_mesh
+from lightning_modules.prd_settings import (
+    CameraSampling,
+    PRDBatchResult,
+    StepTimer,
+    ValidationSettings,
+    as_dataclass,
+    resolve_student_config,
+)
+from lightning_modules.schedules import Schedule, ScheduleLike
+from renderers.cameras import evaluation_cameras, resized, sample_training_cameras
+from renderers.types import Cameras, RenderOutput
+from teachers.base import Teacher
+from teachers.ensemble import TeacherEnsemble
+
+log = logging.getLogger(__name__)
+# Lightning 2.6 warns that checkpoints of manual-optimisation modules hold the state AFTER the optimizer step;
+# that is what PRD wants (the state, global step and data position of the same moment).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+DEFAULT_BASE = "stabilityai/stable-diffusion-2-1-base"
+# The reference optimizer: Adan, lr 2e-4, betas (0.98, 0.92, 0.99), eps 1e-15, no weight decay.
+REFERENCE_ADAN = dict(lr=2e-4, betas=(0.98, 0.92, 0.99), eps=1e-15, weight_decay=0.0)
+CHECKPOINT_KEY = "prd"
+CHECKPOINT_FORMAT = 1
+# Init args that are objects (built by jsonargparse): kept out of hyper_parameters outside LightningCLI,
+# where they would be pickled into every checkpoint.
+_OBJECT_ARGS = ("teachers", "renderers", "background", "optimizer", "lr_scheduler", "clip_score")
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint's trainable weights do not fit this module's configuration (one-line message)."""
+
+
+class PRDModule(pl.LightningModule):
+    """Progressive Rendering Distillation: trains the student's adapters, conv_out and MLPs from prompts only.
+
+    Args:
+        teachers: a `TeacherEnsemble`, or name -> `Teacher` (any subset; each with its weight schedule).
+        renderers: name -> renderer (`renderers.MeshRenderer`, `renderers.NeuSVolumeRenderer`, ...), each
+            applied at every PRD step; every teacher loss is applied to every render. The names key the
+            losses ("mvdream/mesh") and the settings below.
+        base: the student's Stable Diffusion: a diffusers directory or hub id.
+        student_config: the student's sizes (see `prd_settings.resolve_student_config`); None: the
+            config.json beside `init_weights`, else the full-size defaults.
+        init_weights: start from trained student weights instead of fresh adapters (fine-tuning): the
+            released TriplaneTurbo checkpoint (`ZhiyuanthePony/TriplaneTurbo`, or a local
+            `triplane_turbo_sd_v1.pth`) or an own export (`save_pretrained` directory / model.safetensors).
+            Ignored in effect when resuming with `--ckpt_path` (the checkpoint's weights win).
+        gradient_checkpointing: recompute the student's UNet / VAE-decoder activations in backward.
+        background: a background module shared by every renderer (e.g. the learned
+            `renderers.TextConditionedBackground`; its parameters train); None: each renderer's own.
+        render_resolution: render size in pixels (square), one for all renderers or name -> size
+            (reference: mesh 512, volume 128).
+        cameras: training camera sampling (`CameraSampling`).
+        num_steps: PRD / sampling steps (None: the student's, 4: timesteps 999, 749, 499, 249).
+        regularizers: regulariser name -> weight schedule, applied to every render that returns it
+            ("eikonal", "sparsity"), or "renderer/name" for one renderer.
+        renderer_schedules: "renderer.attribute" -> schedule, set on the renderer before every step
+            (e.g. "mesh.sdf_grad_shrink", "volume.rgb_grad_shrink").
+        optimizer: optimizer factory over the trainable parameters (class_path + init_args in YAML);
+            None: Adan (pytorch-optimizer) with the reference's lr 2e-4, betas (0.98, 0.92, 0.99), eps 1e-15.
+        lr_scheduler: optional LR scheduler factory, stepped after every optimizer step.
+        accumulate_grad_batches: batches per optimizer step (each batch's loss is divided by it).
+        gradient_clip_val: clip the global gradient norm to this value (None: no clipping).
+        max_consecutive_skips: raise after this many skipped (non-finite) optimizer steps in a row.
+        validation: what validation generates and logs (`ValidationSettings`).
+        clip_score: an optional `CLIPScore3D` logged at the end of each validation run.
+    """
+
+    def __init__(
+        self,
+        teachers: Union[TeacherEnsemble, dict[str, Teacher]],
+        renderers: dict[str, nn.Module],
+        base: str = DEFAULT_BASE,
+        student_config: Union[dict, str, None] = None,
+        init_weights: str | None = None,
+        gradient_checkpointing: bool = False,
+        background: nn.Module | None = None,
+        render_resolution: Union[int, dict[str, int]] = 128,
+        cameras: CameraSampling | None = None,
+        num_steps: int | None = None,
+        regularizers: dict[str, ScheduleLike] | None = None,
+        renderer_schedules: dict[str, ScheduleLike] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        max_consecutive_skips: int = 100,
+        validation: ValidationSettings | None = None,
+        clip_score: CLIPScore3D | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self._save_hyperparameters()
+
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val}")
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1 or null, got {num_steps}")
+        if not renderers:
+            raise ValueError("PRDModule needs at least one renderer (e.g. renderers.MeshRenderer)")
+
+        self.base = str(base)
+        self.student_config = resolve_student_config(student_config)  # parsed now: config errors surface early
+        self.init_weights = init_weights
+        self.gradient_checkpointing = gradient_checkpointing
+        self.num_steps = num_steps
+        self.cameras = as_dataclass(CameraSampling, cameras)
+        self.validation = as_dataclass(ValidationSettings, validation)
+        self.accumulate_grad_batches = int(accumulate_grad_batches)
+        self.gradient_clip_val = gradient_clip_val
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+
+        # Registered before the renderers, so its parameters are named "background.*".
+        self.background = background
+        self.renderers = nn.ModuleDict(dict(renderers))
+        if background is not None:
+            for name, renderer in self.renderers.items():
+                if not hasattr(renderer, "background"):
+                    raise ValueError(f"renderer {name!r} ({type(renderer).__name__}) has no background to replace")
+                renderer.background = background
+        self.render_resolution = self._per_renderer(render_resolution, "render_resolution")
+        self.teachers = teachers if isinstance(teachers, TeacherEnsemble) else TeacherEnsemble(teachers)
+        self.regularizer_weights = {key: Schedule.parse(value) for key, value in (regularizers or {}).items()}
+        for key in self.regularizer_weights:
+            if "/" in key and key.split("/", 1)[0] not in self.renderers:
+                raise ValueError(f"regularizer {key!r} names renderer {key.split('/', 1)[0]!r}, not one of {', '.join(self.renderers)}")
+        self.renderer_schedules = self._parse_renderer_schedules(renderer_schedules or {})
+        for name in self.validation.renderers or ():
+            if name not in self.renderers:
+                raise ValueError(f"validation.renderers: {name!r} is not one of {', '.join(self.renderers)}")
+        if self.validation.clip_renderer is not None and self.validation.clip_renderer not in self.renderers:
+            raise ValueError(f"validation.clip_renderer {self.validation.clip_renderer!r} is not one of {', '.join(self.renderers)}")
+        self.clip_score = clip_score
+
+        self.student = None  # built in configure_model (nothing heavy at construction / --print_config)
+        self.nonfinite_skips = 0
+        self.consecutive_skips = 0
+        self._window_batches = 0  # batches backpropagated since the last optimizer step
+        self._window_nonfinite: list[str] = []
+        self._pending_grads: dict[str, Tensor] | None = None
+        self._checked_regularizers = False
+        self._val_images_logged = 0
+        self._val_meshes_logged = 0
+
+    # ---------------------------------------------------------------------------------------- set-up
+
+    def _save_hyperparameters(self) -> None:
+        """Under LightningCLI the whole (plain) config is saved; elsewhere only the plain arguments."""
+        try:
+            from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+            given = _given_hyperparameters.get()
+        except ImportError:  # another Lightning version: keep the safe path
+            given = None
+        if given is not None:
+            self.save_hyperparameters()
+            return
+        frame = inspect.currentframe().f_back  # PRDModule.__init__
+        names = [name for name in inspect.signature(PRDModule.__init__).parameters if name != "self"]
+        plain = {name: frame.f_locals[name] for name in names if name not in _OBJECT_ARGS}
+        for name, cls in (("cameras", CameraSampling), ("validation", ValidationSettings)):
+            settings = as_dataclass(cls, plain[name])
+            plain[name] = {f: getattr(settings, f) for f in settings.__dataclass_fields__}
+        self.save_hyperparameters(plain)
+
+    def _per_renderer(self, value: int | Mapping[str, int], what: str) -> dict[str, int]:
+        if isinstance(value, Mapping):
+            missing = [name for name in self.renderers if name not in value]
+            unknown = [name for name in value if name not in self.renderers]
+            if missing or unknown:
+                raise ValueError(
+                    f"{what} must give a size for every renderer ({', '.join(self.renderers)}); "
+                    f"missing: {missing or 'none'}, unknown: {unknown or 'none'}"
+                )
+            sizes = {name: int(value[name]) for name in self.renderers}
+        else:
+            sizes = {name: int(value) for name in self.renderers}
+        for name, size in sizes.items():
+            if size < 1:
+                raise ValueError(f"{what}[{name}] must be >= 1, got {size}")
+        return sizes
+
+    def _parse_renderer_schedules(self, schedules: Mapping[str, ScheduleLike]) -> dict[tuple[str, str], Schedule]:
+        parsed = {}
+        for key, value in schedules.items():
+            name, _, attribute = key.partition(".")
+            if name not in self.renderers or not attribute:
+                raise ValueError(f"renderer_schedules key {key!r} must be 'renderer.attribute' with a renderer in {', '.join(self.renderers)}")
+            if not hasattr(self.renderers[name], attribute):
+                raise ValueError(f"renderer_schedules: renderer {name!r} ({type(self.renderers[name]).__name__}) has no attribute {attribute!r}")
+            parsed[(name, attribute)] = Schedule.parse(value)
+        return parsed
+
+    def configure_model(self) -> None:
+        """Build the student (loads the base model and, with `init_weights`, the trained weights)."""
+        if self.student is not None:
+            return
+        from lightning_modules.student import TriplaneStudent
+
+        student = TriplaneStudent.from_pretrained(self.base, weights=self.init_weights, config=self.student_config)
+        if self.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        self.student = student.train()  # from_pretrained returns it in eval mode; Lightning keeps modes as found
+        self._check_background_width()
+
+    def _check_background_width(self) -> None:
+        embedding = getattr(self.background, "default_embedding", None)
+        width = getattr(self.student.text_encoder, "config", None)
+        width = getattr(width, "hidden_size", None)
+        if isinstance(embedding, Tensor) and width is not None and embedding.shape[-1] != width:
+            raise UserError(
+                f"background text_dim {embedding.shape[-1]} does not match the student's text embedding width "
+                f"{width}: set model.init_args.background.init_args.text_dim: {width}"
+            )
+
+    def _require_student(self):
+        if self.student is None:
+            self.configure_model()
+        return self.student
+
+    # ----------------------------------------------------------------------------------- parameters
+
+    def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
+        """Canonical name -> parameter of everything that trains: the student's adapters, conv_out and
+        MLPs, and any renderer / background parameters. The frozen base and the teachers never appear."""
+        student = self._require_student()
+        named = {f"student.{name}": p for name, p in student.trainable_state_dict().items()}
+        seen = {id(p) for p in named.values()}
+        for prefix, module in (("background", self.background), ("renderers", self.renderers)):
+            if module is None:
+                continue
+            for name, p in module.named_parameters(prefix=prefix):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    named[name] = p
+        return named
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.trainable_named_parameters().values())
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only the trainable weights (see `trainable_named_parameters`): what every checkpoint holds."""
+        if args:  # the deprecated positional form of nn.Module.state_dict
+            raise TypeError("PRDModule.state_dict takes keyword arguments only")
+        state = destination if destination is not None else {}
+        for name, p in self.trainable_named_parameters().items():
+            state[prefix + name] = p if keep_vars else p.detach()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
+        """Load trainable weights. Every trainable key must be present with its shape (else a one-line
+        error); keys of the frozen base are ignored; other keys are an error when `strict`."""
+        own = self.trainable_named_parameters()
+        missing = [key for key in own if key not in state_dict]
+        frozen = {name for name, _ in self.named_parameters(remove_duplicate=False)} | set(
+            super().state_dict(keep_vars=True)
+        )
+        unexpected = [key for key in state_dict if key not in own and key not in frozen]
+        wrong = [
+            f"{key} {tuple(state_dict[key].shape)} vs {tuple(p.shape)}"
+            for key, p in own.items()
+            if key in state_dict and tuple(state_dict[key].shape) != tuple(p.shape)
+        ]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} trainable weight(s) missing ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
+        if unexpected and strict:
+            problems.append(f"{len(unexpected)} unknown key(s) ({', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''})")
+        if wrong:
+            problems.append(f"{len(wrong)} wrong shape(s) (checkpoint vs model: {', '.join(wrong[:5])})")
+        if problems:
+            raise CheckpointMismatchError(
+                f"checkpoint does not fit this PRDModule ({self.student.config_summary()}): {'; '.join(problems)}; "
+                "resume with the config that wrote it (student_config, renderers, background)"
+            )
+        with torch.no_grad():
+            for key, p in own.items():
+                p.copy_(state_dict[key].to(p.dtype))
+        return nn.modules.module._IncompatibleKeys([], unexpected)
+
+    # ------------------------------------------------------------------------------------- optimizer
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if self.optimizer_factory is None:
+            from pytorch_optimizer import Adan
+
+            optimizer = Adan(params, **REFERENCE_ADAN)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------ PRD batch
+
+    def apply_schedules(self, step: int) -> None:
+        """Set the scheduled renderer attributes (gradient shrink, ...) for global step `step`."""
+        for (name, attribute), schedule in self.renderer_schedules.items():
+            setattr(self.renderers[name], attribute, schedule(step))
+
+    def _attach_generator(self, generator: torch.Generator) -> None:
+        """Route the renderers' and backgrounds' own random draws through the batch's generator."""
+        for module in [*self.renderers.modules(), *([self.background] if self.background is not None else [])]:
+            if hasattr(module, "generator") and not isinstance(module, Teacher):
+                module.generator = generator
+
+    def sample_cameras(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Cameras:
+        """Training cameras `[B, V]` (their image size is set per renderer)."""
+        return sample_training_cameras(
+            batch_size, self.cameras.num_views, generator=generator, device=device, **self.cameras.sampler_kwargs()
+        )
+
+    def render_all(
+        self, field, cameras: Cameras, text_embedding: Tensor | None, names: Iterable[str] | None = None, size: int | None = None
+    ) -> dict[str, RenderOutput]:
+        """name -> render of `field` by each renderer (at its `render_resolution`, or `size`)."""
+        renders = {}
+        for name in names or self.renderers:
+            pixels = size or self.render_resolution[name]
+            render = self.renderers[name](field, resized(cameras, pixels, pixels), text_embedding)
+            render.renderer = name  # teachers key their losses by it: "mvdream/<name>"
+            renders[name] = render
+        return renders
+
+    def regularizer_terms(self, renders: Mapping[str, RenderOutput], step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(weighted terms "reg/<renderer>/<name>", raw values "<renderer>/<name>") of the configured regularisers."""
+        if not self._checked_regularizers:
+            available = {f"{r}/{n}" for r, render in renders.items() for n in render.regularizers}
+            for key in self.regularizer_weights:
+                if not any(a == key or a.split("/", 1)[1] == key for a in available):
+                    raise ValueError(
+                        f"regularizer {key!r} is returned by no renderer (they return: {', '.join(sorted(available)) or 'none'})"
+                    )
+            self._checked_regularizers = True
+        weighted, raw = {}, {}
+        for renderer_name, render in renders.items():
+            for reg_name, value in render.regularizers.items():
+                key = f"{renderer_name}/{reg_name}"
+                raw[key] = value
+                schedule = self.regularizer_weights.get(key, self.regularizer_weights.get(reg_name))
+                if schedule is not None and schedule(step) != 0:
+                    weighted[f"reg/{key}"] = schedule(step) * value
+        return weighted, raw
+
+    def _zero_loss(self) -> Tensor:
+        """0 connected to every trainable parameter (a backward that still meets every DDP hook)."""
+        return sum((p.sum() for p in self.trainable_parameters()), torch.zeros((), device=self.student.device)) * 0.0
+
+    def run_prd_batch(
+        self,
+        batch: Mapping[str, Any],
+        step: int,
+        backward: Callable[[Tensor, bool], None] | None = None,
+        loss_scale: float = 1.0,
+        sync_last: bool = True,
+    ) -> PRDBatchResult:
+        """One PRD batch: all denoising steps from pure noise, each rendered, judged and backpropagated at once.
+
+        batch: {"prompts": B strings, "seed": int} (a `PromptDataModule` training batch).
+        step: the global (optimizer) step that schedules are evaluated at.
+        backward: `backward(loss, sync)` (None: forward only); `sync` is True for the last backward of the
+            batch when `sync_last` (the one that may all-reduce gradients under DDP).
+        loss_scale: multiplies every backpropagated loss (1 / accumulate_grad_batches in training).
+        """
+        student = self._require_student()
+        prompts = list(batch["prompts"])
+        batch_size = len(prompts)
+        device = student.device
+        generator = torch.Generator().manual_seed(int(batch["seed"]))
+        self._attach_generator(generator)
+        timer = StepTimer(device)
+        timesteps = student.sampling_timesteps(self.num_steps).tolist()
+        step_weight = 1.0 / len(timesteps)
+        terms: dict[str, float] = defaultdict(float)
+        raw_regs: dict[str, float] = defaultdict(float)
+        nonfinite: list[str] = []
+        total = 0.0
+
+        with timer("student"):
+            text = student.encode_prompt(prompts)  # [B, 77, D], no gradient
+            latent = student.make_noise(batch_size, generator=generator)  # [B, 6, C, h, w]
+        for k, t in enumerate(timesteps):
+            sync = sync_last and k == len(timesteps) - 1
+            with timer("student"):
+                noise = student.make_noise(batch_size, generator=generator)
+                x0 = student.predict_x0(student.add_noise(latent, noise, t), t, text)
+                finite_latent = bool(torch.isfinite(x0).all())
+                field = student.decode(x0) if finite_latent else None
+            if not finite_latent:
+                # Nothing sensible to render; the window is dropped anyway. Keep the backward calls (DDP).
+                nonfinite.append("latent")
+                if backward is not None:
+                    with timer("backward"):
+                        backward(self._zero_loss(), sync)
+                latent = x0.detach()
+                continue
+            cameras = self.sample_cameras(batch_size, generator, device)
+            with timer("render"):
+                renders = self.render_all(field, cameras, text)
+            with timer("teacher"):
+                losses = dict(self.teachers(list(renders.values()), prompts, step, generator))
+            weighted_regs, raw = self.regularizer_terms(renders, step)
+            losses.update(weighted_regs)
+            for key, value in raw.items():
+                raw_regs[key] += float(value.detach()) * step_weight
+            loss = torch.stack(list(losses.values())).sum() if losses else self._zero_loss()
+            for key, value in losses.items():
+                value = float(value.detach())
+                terms[key] += value * step_weight
+                if not math.isfinite(value) and key not in nonfinite:
+                    nonfinite.append(key)
+            total += float(loss.detach()) * step_weight
+            if backward is not None:
+                with timer("backward"):
+                    backward(loss * (step_weight * loss_scale), sync)
+            latent = x0.detach()
+            del field, renders, losses, loss
+        return PRDBatchResult(dict(terms), dict(raw_regs), total, nonfinite, dict(timer.seconds))
+
+    # ----------------------------------------------------------------------------------- training
+
+    def _no_sync(self, sync: bool):
+        """DDP: skip the gradient all-reduce for every backward but the window's last one."""
+        model = getattr(self.trainer.strategy, "model", None)
+        if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def _backward(self, loss: Tensor, sync: bool) -> None:
+        with self._no_sync(sync):
+            self.manual_backward(loss)
+
+    def on_fit_start(self) -> None:
+        precision = str(getattr(self.trainer, "precision", "32"))
+        if precision.startswith("16"):
+            raise UserError(
+                f"trainer.precision {precision!r} is not supported by PRD training (its loss scaling fights the "
+                "non-finite step skipping): use 32-true (reference) or bf16-mixed"
+            )
+
+    def on_train_start(self) -> None:
+        if self._pending_grads:
+            own = self.trainable_named_parameters()
+            for name, grad in self._pending_grads.items():
+                own[name].grad = grad.to(own[name].device, own[name].dtype)
+        self._pending_grads = None
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        step = self.global_step
+        self.apply_schedules(step)
+        last_in_window = self._window_batches + 1 >= self.accumulate_grad_batches
+        result = self.run_prd_batch(
+            batch, step, backward=self._backward, loss_scale=1.0 / self.accumulate_grad_batches, sync_last=last_in_window
+        )
+        self._window_batches += 1
+        self._window_nonfinite += [name for name in result.nonfinite if name not in self._window_nonfinite]
+        stats: dict[str, float] = {}
+        if last_in_window:
+            timer = StepTimer(self.student.device)
+            with timer("optimizer"):
+                stats = self._optimizer_step(optimizer, step)
+            result.seconds.update(timer.seconds)
+        self._log_training(result, len(batch["prompts"]), optimizer, stats)
+
+    def _optimizer_step(self, optimizer, step: int) -> dict[str, float]:
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        bad = bool(self._window_nonfinite) or not bool(torch.isfinite(grad_norm))
+        bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))  # any rank
+        batches, reasons = self._window_batches, self._window_nonfinite or ["gradient"]
+        self._window_batches, self._window_nonfinite = 0, []
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_skips += 1
+            self.consecutive_skips += 1
+            log.warning(
+                "non-finite %s at global step %d: optimizer step skipped, gradients of the last %d batch(es) dropped "
+                "(%d skipped step(s) so far)", ", ".join(reasons), step, batches, self.nonfinite_skips,
+            )  # fmt: skip
+            if self.consecutive_skips >= self.max_consecutive_skips:
+                raise RuntimeError(
+                    f"{self.consecutive_skips} optimizer steps in a row had non-finite losses or gradients "
+                    f"(last: {', '.join(reasons)}); training diverged: lower the learning rate or check the teachers"
+                )
+            return {"grad_norm": float("nan")}
+        if self.gradient_clip_val is not None and params:
+            torch.nn.utils.clip_grads_with_norm_(params, self.gradient_clip_val, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self.consecutive_skips = 0
+        return {"grad_norm": float(grad_norm)}
+
+    def _log_training(self, result: PRDBatchResult, batch_size: int, optimizer, stats: dict[str, float]) -> None:
+        metrics = {f"train/{key}": value for key, value in result.terms.items()}
+        metrics.update({f"train/reg_raw/{key}": value for key, value in result.raw_regularizers.items()})
+        metrics["train/loss"] = result.total
+        metrics["train/nonfinite_skips"] = float(self.nonfinite_skips)
+        metrics["train/lr"] = float(optimizer.optimizer.param_groups[0]["lr"])
+        if "grad_norm" in stats and math.isfinite(stats["grad_norm"]):
+            metrics["train/grad_norm"] = stats["grad_norm"]
+        metrics.update({f"time/{part}": seconds for part, seconds in result.seconds.items()})
+        if self.student.device.type == "cuda":
+            metrics["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.student.device) / 2**30
+        # NaN values are logged as they are (the counter says what happened), never averaged away.
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("train/loss_bar", result.total, prog_bar=True, logger=False, batch_size=batch_size)
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # state_dict() already holds only the trainable weights; the rest PRD needs to resume exactly:
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "nonfinite_skips": self.nonfinite_skips,
+            "consecutive_skips": self.consecutive_skips,
+            "window_batches": self._window_batches,
+            "window_nonfinite": list(self._window_nonfinite),
+            "student_config": self.student.config.to_dict(),
+        }
+        if self._window_batches:  # saved mid accumulation window: keep the gradients gathered so far
+            state["window_grads"] = {
+                name: p.grad.detach().cpu().clone()
+                for name, p in self.trainable_named_parameters().items()
+                if p.grad is not None
+            }
+        checkpoint[CHECKPOINT_KEY] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            log.warning("checkpoint has no %r section (not written by PRDModule?): counters start at 0", CHECKPOINT_KEY)
+            return
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self._window_batches = int(state.get("window_batches", 0))
+        self._window_nonfinite = list(state.get("window_nonfinite", []))
+        self._pending_grads = dict(state.get("window_grads", {})) or None
+
+    # ----------------------------------------------------------------------------------- validation
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_images_logged = self._val_meshes_logged = 0
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_clip_score("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_clip_score("test")
+
+    def generate(self, prompts: list[str], indices: Iterable[int]):
+        """The student's few-step sample for `prompts`, object i from noise seeded `validation.seed + indices[i]`."""
+        student = self._require_student()
+        text = student.encode_prompt(prompts)
+        noise = torch.cat([student.make_noise(1, seed=self.validation.seed + int(i)) for i in indices])
+        return student.sample(text, noise=noise, num_steps=self.num_steps), text
+
+    def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
+        # Lightning evaluates under inference_mode, where the volume renderer cannot take SDF gradients
+        # for its normals; plain no_grad is enough here.
+        with torch.inference_mode(False), torch.no_grad():
+            self._evaluate_batch(batch, stage)
+
+    def _evaluate_batch(self, batch: Mapping[str, Any], stage: str) -> None:
+        settings = self.validation
+        prompts = list(batch["prompts"])
+        indices = [int(i) for i in batch["indices"]]
+        batch_size = len(prompts)
+        device = self.student.device
+        field, text = self.generate(prompts, indices)
+
+        if settings.teacher_losses:
+            generator = torch.Generator().manual_seed(int(batch["seed"]))
+            self._attach_generator(generator)
+            renders = self.render_all(field, self.sample_cameras(batch_size, generator, device), text)
+            losses = self.teachers(list(renders.values()), prompts, self.global_step, generator)
+            if losses:
+                self.log_dict({f"{stage}/{k}": float(v) for k, v in losses.items()}, batch_size=batch_size, sync_dist=True)
+                self.log(f"{stage}/teacher_loss", float(sum(float(v) for v in losses.values())), batch_size=batch_size, sync_dist=True)
+
+        cameras = evaluation_cameras(
+            settings.num_views,
+            batch_size=batch_size,
+            elevation=settings.elevation,
+            distance=settings.distance,
+            fovy=settings.fovy,
+            height=settings.resolution,
+            width=settings.resolution,
+            device=device,
+        )
+        names = settings.renderers or list(self.renderers)
+        views = self.render_all(field, cameras, text, names=names, size=settings.resolution)
+        if self.clip_score is not None:
+            clip_name = settings.clip_renderer or names[0]
+            rendered = views[clip_name] if clip_name in views else self.render_all(field, cameras, text, [clip_name], settings.resolution)[clip_name]
+            self.clip_score.update(rendered["rgb"].float().clamp(0, 1), prompts)
+        self._log_artifacts(stage, field, views, prompts, indices)
+
+    def _experiment(self):
+        """The TensorBoard SummaryWriter on rank 0 (None otherwise: images and meshes are skipped)."""
+        if self.global_rank != 0 or self.logger is None:
+            return None
+        experiment = getattr(self.logger, "experiment", None)
+        return experiment if hasattr(experiment, "add_image") else None
+
+    def _log_artifacts(self, stage: str, field, views: Mapping[str, RenderOutput], prompts: list[str], indices: list[int]) -> None:
+        writer = self._experiment()
+        if writer is None:
+            return
+        settings = self.validation
+        step = self.global_step
+        for b, (prompt, index) in enumerate(zip(prompts, indices, strict=True)):
+            if self._val_images_logged >= settings.log_images:
+                break
+            tag = f"{index:04d}_{slug(prompt)}"
+            for name, render in views.items():
+                grid = render_grid({key: image[b] for key, image in render.images.items()})
+                writer.add_image(f"{stage}_render_{name}/{tag}", grid, step)
+            writer.add_text(f"{stage}_prompts/{tag}", prompt, step)
+            self._val_images_logged += 1
+        wanted = min(len(prompts), settings.log_meshes - self._val_meshes_logged)
+        if wanted > 0 and hasattr(writer, "add_mesh"):
+            from renderers.marching_cubes import extract_mesh
+
+            meshes = extract_mesh(field, resolution=settings.mesh_resolution)
+            colors = mesh_colors(field, meshes)
+            for b in range(wanted):
+                if meshes[b].num_faces == 0:
+                    continue
+                tag = f"{indices[b]:04d}_{slug(prompts[b])}"
+                writer.add_mesh(f"{stage}_meshes/{tag}", global_step=step, **tensorboard_mesh(meshes[b], colors[b]))
+                self._val_meshes_logged += 1
+
+    def _log_clip_score(self, stage: str) -> None:
+        if self.clip_score is None or not self.clip_score.update_count:
+            return
+        values = self.clip_score.compute()
+        self.log(f"{stage}/clip_score", values["clip_score"])
+        self.log(f"{stage}/clip_recall_at_1", values["recall_at_1"])
+        self.clip_score.reset()
+
+    # --------------------------------------------------------------------------------------- export
+
+    def save_student(self, directory: str | os.PathLike) -> Path:
+        """Write the student's trainable weights + config.json (loadable by `prd generate --weights DIR`)."""
+        return self._require_student().save_pretrained(directory)
+
+
+def export_student_weights(checkpoint_path: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """Turn a PRD training checkpoint into student weights (`model.safetensors` + `config.json`) without
+    building any model: the `student.*` entries of its state dict and the student config it recorded."""
+    from safetensors.torch import save_file
+
+    from lightning_modules.weights import CONFIG_NAME, OWN_FORMAT, SAFETENSORS_NAME, StudentConfig
+
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    section = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not isinstance(section, dict) or "student_config" not in section:
+        raise UserError(f"{path} is not a PRDModule training checkpoint (no state_dict / {CHECKPOINT_KEY!r} section)")
+    weights = {k.removeprefix("student."): v.contiguous() for k, v in state.items() if k.startswith("student.")}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(directory / SAFETENSORS_NAME), metadata={"format": OWN_FORMAT})
+    StudentConfig.from_dict(section["student_config"], source=str(path)).to_json(directory / CONFIG_NAME)
+    return directory

@@ -1,0 +1,227 @@
+"""Plain settings of `PRDModule` (typed for LightningCLI / jsonargparse) and the student-config parser.
+
+    cameras:                       # training cameras, drawn anew for every PRD step
+      num_views: 4
+      elevation_range: [0, 30]
+    validation:                    # what validation generates, renders and logs
+      num_views: 4
+      resolution: 256
+    student_config:                # flat form (or a reference pipeline config.json dict / path)
+      ranks: 16                    # or {self_attn: 16, cross_attn: 16, locon: 16}
+      output_dim: 64
+      mlp_neurons: 64
+      mlp_hidden_layers: 2
+      latent_size: 32
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_modules.adapters import AdapterRanks
+from lightning_modules.weights import StudentConfig, StudentWeightsError
+
+
+@dataclass
+class CameraSampling:
+    """Training cameras (see `renderers.cameras.sample_training_cameras`); reference values by default.
+
+    Per object and PRD step: one elevation, one field of view and one relative distance for its
+    `num_views` views, azimuths evenly spaced with one random offset; distance = relative / tan(fovy / 2).
+    """
+
+    num_views: int = 4
+    elevation_range: tuple[float, float] = (0.0, 30.0)
+    azimuth_range: tuple[float, float] = (-180.0, 180.0)
+    fovy_range: tuple[float, float] = (60.0, 60.0)
+    relative_distance_range: tuple[float, float] = (0.8, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.num_views < 1:
+            raise ValueError(f"cameras.num_views must be >= 1, got {self.num_views}")
+        for name in ("elevation_range", "azimuth_range", "fovy_range", "relative_distance_range"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"cameras.{name} must be [low, high] with low <= high, got [{low}, {high}]")
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "num_views"}
+
+
+@dataclass
+class ValidationSettings:
+    """What validation does for every validation prompt.
+
+    The student generates from noise seeded with `seed + prompt index` (independent of the batch), the
+    `renderers` (default: all) draw `num_views` evaluation views at `resolution` px (distance,
+    elevation and fovy of the reference protocol), and the module logs:
+    - `log_images` objects per validation run as render grids (rgb and normal rows, one column per
+      view) to TensorBoard (0: none);
+    - `log_meshes` objects per run as coloured meshes (TensorBoard mesh plugin), extracted on a
+      `mesh_resolution`^3 grid (0: none);
+    - the teacher losses on training-style cameras (seeded by the batch) when `teacher_losses`;
+    - CLIP score / Recall@1 of the `clip_renderer` renders (default: the first renderer) when the
+      module has a `clip_score` metric.
+    """
+
+    num_views: int = 4
+    resolution: int = 256
+    elevation: float = 15.0
+    distance: float = 3.0
+    fovy: float = 40.0
+    renderers: list[str] | None = None
+    log_images: int = 4
+    log_meshes: int = 2
+    mesh_resolution: int = 128
+    teacher_losses: bool = True
+    clip_renderer: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_views < 1 or self.resolution < 1:
+            raise ValueError("validation.num_views and validation.resolution must be >= 1")
+        if self.log_images < 0 or self.log_meshes < 0:
+            raise ValueError("validation.log_images and validation.log_meshes must be >= 0")
+        if self.mesh_resolution < 2:
+            raise ValueError(f"validation.mesh_resolution must be >= 2, got {self.mesh_resolution}")
+
+
+def as_dataclass(cls, value):
+    """`value` as an instance of the settings dataclass `cls` (None: defaults; a dict: its fields)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return replace(value)
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**value)
+    raise TypeError(f"expected {cls.__name__} or a dict, got {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------- student config
+
+_FLAT_KEYS = {
+    "ranks",
+    "output_dim",
+    "mlp_neurons",
+    "mlp_hidden_layers",
+    "latent_size",
+    "latent_height",
+    "latent_width",
+    "latent_channels",
+    "num_inference_steps",
+    "n_feature_dims",
+    "deformable_grid",
+    "isosurface_resolution",
+}
+
+
+def _ranks(value: Any) -> AdapterRanks:
+    if isinstance(value, AdapterRanks):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return AdapterRanks(value, value, value)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"self_attn", "cross_attn", "locon"})
+        if unknown:
+            raise StudentWeightsError(
+                f"student_config.ranks: unknown key(s) {', '.join(unknown)}; use self_attn, cross_attn, locon"
+            )
+        return AdapterRanks(**{k: int(v) for k, v in value.items()})
+    raise StudentWeightsError(
+        f"student_config.ranks must be an int or {{self_attn, cross_attn, locon}}, got {value!r}"
+    )
+
+
+def resolve_student_config(spec: dict | str | os.PathLike | StudentConfig | None) -> StudentConfig | Path | None:
+    """The student's hyper-parameters from a config value.
+
+    None: the `config.json` beside `init_weights`, else the full-size defaults (decided by the student).
+    A path: a reference pipeline `config.json`. A dict: either the reference pipeline-config fields
+    (`space_generator_config`, `mlp_network_config`, ...) or the flat form with keys
+    ranks (int or {self_attn, cross_attn, locon}), output_dim, mlp_neurons, mlp_hidden_layers,
+    latent_size (both sides) / latent_height / latent_width, latent_channels, num_inference_steps,
+    n_feature_dims, deformable_grid, isosurface_resolution.
+    """
+    if spec is None or isinstance(spec, StudentConfig):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise StudentWeightsError(f"student_config file {str(spec)!r} does not exist; pass a config.json or a dict")
+        return path
+    if not isinstance(spec, dict):
+        raise StudentWeightsError(f"student_config must be a dict, a config.json path or null, got {type(spec).__name__}")
+    if not set(spec) <= _FLAT_KEYS:
+        flat_unknown = sorted(set(spec) - _FLAT_KEYS)
+        try:
+            return StudentConfig.from_dict(dict(spec), source="student_config")
+        except StudentWeightsError:
+            raise StudentWeightsError(
+                f"student_config: unknown key(s) {', '.join(flat_unknown)}; use the flat keys "
+                f"{', '.join(sorted(_FLAT_KEYS))} or the reference pipeline-config fields"
+            ) from None
+    values = dict(spec)
+    kwargs: dict[str, Any] = {}
+    if "ranks" in values:
+        kwargs["ranks"] = _ranks(values.pop("ranks"))
+    size = values.pop("latent_size", None)
+    if size is not None:
+        kwargs["latent_height"] = kwargs["latent_width"] = int(size)
+    for key, value in values.items():
+        kwargs[key] = bool(value) if key == "deformable_grid" else int(value)
+    return StudentConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+@dataclass
+class StepTimer:
+    """Wall-clock seconds per named part of a step; CUDA work is synchronised at part boundaries."""
+
+    device: torch.device | None = None
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def __call__(self, part: str):
+        sync = self.device is not None and self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if sync:
+                torch.cuda.synchronize(self.device)
+            self.seconds[part] += time.perf_counter() - start
+
+
+@dataclass
+class PRDBatchResult:
+    """What one PRD batch (all its denoising steps) produced.
+
+    terms: loss name -> value averaged over the PRD steps ("mvdream/mesh", "reg/volume/eikonal", ...),
+        as they entered the total (teacher weights and regulariser weights applied).
+    raw_regularizers: "renderer/name" -> unweighted regulariser value averaged over the steps.
+    total: the summed loss, averaged over the steps (before the accumulation scale).
+    nonfinite: names of the terms (or "latent") that were NaN / inf at some step.
+    seconds: wall-clock seconds per part: student (text, UNet, decoder forward), render, teacher, backward.
+    """
+
+    terms: dict[str, float]
+    raw_regularizers: dict[str, float]
+    total: float
+    nonfinite: list[str]
+    seconds: dict[str, float]
