@@ -105,6 +105,10 @@ def test_match_by_manifest_and_csv(tmp_path):
     assert [p.name for p in match_meshes(tmp_path, ["second prompt", "first prompt"])] == ["two.glb", "one.glb"]
     (tmp_path / "manifest.json").write_text(json.dumps([{"prompt": "first prompt", "file": "two.glb"}]))
     assert match_meshes(tmp_path, ["first prompt", "other"])[0].name == "two.glb"
+    # `prd generate`'s manifest layout
+    manifest = {"meshes": [{"index": 0, "prompt": "other", "seed": 0, "file": "one.glb"}], "format": "glb"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert [p and p.name for p in match_meshes(tmp_path, ["first prompt", "other"])] == [None, "one.glb"]
     table = tmp_path / "map.csv"
     with table.open("w", newline="") as fh:
         csv.writer(fh).writerows([["prompt", "file"], ["x, with comma", "one.glb"]])
