@@ -455,6 +455,29 @@ class NvdiffrastFragments:
         return self.rast[..., 3].long() - 1
 
 
+def _build_nvdiffrast_plugin() -> None:
+    """Compile (first use) and import nvdiffrast's CUDA plugin.
+
+    nvdiffrast 0.3.x builds its plugin with `torch.utils.cpp_extension.load` and then imports it by name;
+    recent torch no longer puts the build directory on `sys.path`, so that import fails with
+    ModuleNotFoundError although the plugin was built. Retry with the build directory on the path.
+    """
+    import sys
+
+    from nvdiffrast.torch import ops
+
+    try:
+        ops._get_plugin()
+    except ModuleNotFoundError as error:
+        from torch.utils import cpp_extension
+
+        build_dir = cpp_extension._get_build_directory(error.name, False)
+        if build_dir in sys.path:
+            raise
+        sys.path.insert(0, build_dir)
+        ops._get_plugin()
+
+
 class NvdiffrastRasterizer:
     """nvdiffrast's CUDA rasteriser (float32), `RasterizeCudaContext` per device."""
 
@@ -472,6 +495,7 @@ class NvdiffrastRasterizer:
 
     def _context(self, device: torch.device):
         if device not in self._contexts:
+            _build_nvdiffrast_plugin()
             self._contexts[device] = self._dr.RasterizeCudaContext(device=device)
         return self._contexts[device]
 

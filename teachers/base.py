@@ -136,20 +136,30 @@ class Teacher(nn.Module):
             yield from module.parameters()
 
     @contextlib.contextmanager
-    def on_device(self, device: torch.device) -> Iterator[None]:
+    def on_device(self, device: torch.device, inputs: Sequence[Tensor] = ()) -> Iterator[None]:
         """Run the frozen models on `device`; with `offload`, send them back to the CPU afterwards.
 
-        Weights that the backward pass still needs (the VAE encoder of the render path) stay
-        alive in the autograd graph until backward, so offloading right after the forward is safe.
+        The backward pass of a teacher's loss still runs through some frozen weights (the VAE encoder
+        of the render path), and `Module.to` swaps parameter storage in place, so offloading must wait
+        for the backward: when `inputs` (the images the losses were computed from) require grad, the
+        move happens in a hook that fires once their gradients are complete; otherwise at once.
         """
-        for module in self.frozen.values():
-            module.to(device)
+        self._move_frozen(device)
         try:
             yield
         finally:
             if self.offload:
-                for module in self.frozen.values():
-                    module.to("cpu")
+                pending = [t for t in inputs if t.requires_grad] if torch.is_grad_enabled() else []
+                if pending:
+                    torch.autograd.graph.register_multi_grad_hook(
+                        pending, lambda _grads: self._move_frozen("cpu"), mode="all"
+                    )
+                else:
+                    self._move_frozen("cpu")
+
+    def _move_frozen(self, device: torch.device | str) -> None:
+        for module in self.frozen.values():
+            module.to(device)
 
     # ------------------------------------------------------------------ call
     def forward(
@@ -174,7 +184,8 @@ class Teacher(nn.Module):
         if not self.is_loaded:
             self.load()
         device = next(iter(render_list[0].images.values())).device
-        with self.on_device(device):
+        inputs = [image for render in render_list for image in render.images.values()]
+        with self.on_device(device, inputs):
             per_render = self.compute_losses(render_list, prompts, step, generator)
         if isinstance(renders, RenderOutput):
             return {self.name: per_render[0]}

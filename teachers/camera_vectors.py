@@ -54,7 +54,7 @@ def c2w_from_spherical(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Ten
     forward = torch.nn.functional.normalize(-position, dim=-1)
     right = torch.nn.functional.normalize(torch.linalg.cross(forward, world_up, dim=-1), dim=-1)
     up = torch.nn.functional.normalize(torch.linalg.cross(right, forward, dim=-1), dim=-1)
-    c2w = torch.zeros(*position.shape[:-1], 4, 4, dtype=position.dtype)
+    c2w = torch.zeros(*position.shape[:-1], 4, 4, dtype=position.dtype, device=position.device)
     c2w[..., :3, :3] = torch.stack([right, up, -forward], dim=-1)
     c2w[..., :3, 3] = position
     c2w[..., 3, 3] = 1.0

@@ -865,7 +865,7 @@ class MultiViewUNet(nn.Module):
                 )
             if camera.shape != (n, self.camera_dim):
                 raise ValueError(f"camera must be [N={n}, {self.camera_dim}], got {list(camera.shape)}")
-            camera = camera.to(self.dtype)
+            camera = camera.to(x.device, self.dtype)
         out = self.unet(
             x_in.to(self.dtype),
             timesteps,

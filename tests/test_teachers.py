@@ -255,7 +255,8 @@ def test_offload_moves_models_to_the_render_device_and_back():
 
     for offload, expected in ((True, ["cpu", "cpu"]), (False, ["cpu"])):
         probe = Probe(offload=offload)
-        probe(make_render(), PROMPTS, 0)
+        with torch.no_grad():  # nothing to wait for (see the next test for the backward case)
+            probe(make_render(), PROMPTS, 0)
         assert probe.moves_during_call == ["cpu"]  # the render's device, before the call
         assert probe.frozen["model"].moves == expected  # back to the CPU after it only with offload
 
@@ -469,3 +470,36 @@ def test_missing_weights_are_one_line_errors_with_fetch_instructions(tmp_path, c
     assert issubclass(TeacherWeightsNotFoundError, UserError) and issubclass(
         TeacherWeightsNotFoundError, FileNotFoundError
     )
+
+
+def test_offload_waits_for_the_backward_that_still_needs_the_weights():
+    """`Module.to` swaps parameter storage, so weights used by the backward (e.g. a VAE encoder on the
+    render path) may only leave the device once the gradients of the teacher's inputs are complete."""
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moves = []
+
+        def to(self, *args, **kwargs):
+            self.moves.append(str(args[0]))
+            return self
+
+    class Probe(Teacher):
+        def load(self):
+            self.frozen = {"model": Recorder()}
+
+        def compute_losses(self, renders, prompts, step, generator):
+            return [(renders[0]["rgb"] ** 2).sum()]
+
+    probe = Probe(offload=True)
+    render = make_render()
+    leaf = render.images["rgb"].detach().requires_grad_(True)
+    render.images["rgb"] = leaf * 1.0
+    loss = probe(render, PROMPTS, 0)[probe.name]
+    assert probe.frozen["model"].moves == ["cpu"]  # still on the render's device: backward pending
+    loss.backward()
+    assert probe.frozen["model"].moves == ["cpu", "cpu"] and leaf.grad is not None
+    with torch.no_grad():  # no backward to wait for: offloaded at once
+        probe(make_render(), PROMPTS, 0)
+    assert probe.frozen["model"].moves == ["cpu", "cpu", "cpu", "cpu"]
