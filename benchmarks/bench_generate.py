@@ -49,7 +49,9 @@ def build_full_size_student(device: torch.device, dtype: torch.dtype):
         for p in student.trainable_parameters():
             if p.abs().max() == 0:
                 p.normal_(0, 1e-3)
-    return student.to(device=device, dtype=dtype).eval()
+    student = student.to(device=device, dtype=dtype).eval()
+    student.merge_adapters()  # as `prd generate` does
+    return student
 
 
 def sync(device):

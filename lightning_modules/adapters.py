@@ -274,3 +274,22 @@ def adapters_disabled(*modules: nn.Module) -> Iterator[None]:
             proc.enabled = True
         for p, flag in requires_grad:
             p.requires_grad_(flag)
+
+
+def merge_adapters(*modules: nn.Module, merge: bool = True) -> int:
+    """Fold the peft LoRA / LoCon weights into their base layers (inference speed-up), or unfold them.
+
+    Merged layers compute W' x with W' = W + B A: the same function in one kernel instead of three.
+    The per-plane hexa self-attention LoRAs cannot be merged (each plane has its own) and stay as they
+    are. Training must run unmerged. Returns the number of layers changed.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    changed = 0
+    for module in modules:
+        for layer in module.modules():
+            if not isinstance(layer, BaseTunerLayer) or bool(layer.merged) == merge:
+                continue
+            layer.merge() if merge else layer.unmerge()
+            changed += 1
+    return changed

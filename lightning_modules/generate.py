@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when a field has no surface: the released pipeline's unit sphere, or an error")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--no-merge", action="store_true",
+                   help="keep the LoRA / LoCon adapters separate (default: folded into the weights, faster)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -232,6 +234,8 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     student = TriplaneStudent.from_pretrained(args.base, weights=args.weights, device=device)
     student.to(dtype=getattr(torch, args.dtype))
+    if not args.no_merge:
+        student.merge_adapters()
     load_seconds = time.perf_counter() - start
 
     timer = StageTimer()

@@ -27,6 +27,7 @@ from lightning_modules.adapters import (
     adapters_disabled,
     add_triplane_adapters,
     is_adapter_parameter,
+    merge_adapters,
 )
 from lightning_modules.triplane_field import TriplaneField, VanillaMLP
 from lightning_modules.weights import (
@@ -230,6 +231,11 @@ class TriplaneStudent(nn.Module):
     def adapters_disabled(self):
         """Context manager: the UNet and VAE decoder run as the base model (conv_out and MLPs stay)."""
         return adapters_disabled(self.unet, self.vae)
+
+    def merge_adapters(self, merge: bool = True) -> int:
+        """Fold the peft adapters into the UNet / VAE-decoder weights for fast inference (`merge=False`
+        unfolds them again; training needs them unfolded). Returns the number of layers changed."""
+        return merge_adapters(self.unet, self.vae, merge=merge)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute UNet and VAE-decoder activations in backward (saves memory in training)."""

@@ -120,3 +120,21 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lightning_modules.cli", "generate", "", "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "prd: error: prompt 1 is empty: every prompt must contain text"
+
+
+def test_merged_adapters_give_the_same_field(ref_weights):
+    student = TriplaneStudent.from_pretrained(None, weights=ref_weights)
+    emb = student.encode_prompt(PROMPTS[:1])
+    noise = student.make_noise(1, seed=0)
+    points = torch.rand(1, 500, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    before = student.sample(emb, noise=noise)
+    weight = student.unet.down_blocks[0].resnets[0].conv1.base_layer.weight.detach().clone()
+    assert student.merge_adapters() > 0
+    assert not torch.equal(student.unet.down_blocks[0].resnets[0].conv1.base_layer.weight, weight)
+    merged = student.sample(emb, noise=noise)
+    with torch.no_grad():
+        for fn in ("sdf", "deformation", "color"):
+            a, b = getattr(before, fn)(points), getattr(merged, fn)(points)
+            assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item()), fn
+    student.merge_adapters(merge=False)
+    torch.testing.assert_close(student.unet.down_blocks[0].resnets[0].conv1.base_layer.weight, weight)
