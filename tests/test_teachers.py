@@ -342,10 +342,11 @@ def test_richdreamer_fixture_teacher_gradient(nd_sd_dir, cache_dir, minus_one_on
     x = 2 * x - 1 if minus_one_one else x
     expected = independent_multiview_grad(teacher, x, PROMPTS, render.cameras, 0)
     torch.testing.assert_close(teacher.last_output.grad, expected, atol=1e-4, rtol=1e-4)
-    # d loss / d maps = pooling VJP of grad / 4 views (times 2 for the [-1, 1] mapping)
+    # d loss / d maps = pooling VJP of the teacher's grad / 4 views (times 2 for the [-1, 1] mapping);
+    # the teacher's grad itself was compared with the independent one above.
     maps_leaf = maps.clone().requires_grad_(True)
     pooled = F.adaptive_avg_pool2d(maps_leaf, size) * (2 if minus_one_one else 1)
-    (expected_maps,) = torch.autograd.grad(pooled, maps_leaf, expected / 4)
+    (expected_maps,) = torch.autograd.grad(pooled, maps_leaf, teacher.last_output.grad / 4)
     got = torch.cat([render["normal"].grad, render["disparity"].grad], dim=2).flatten(0, 1)
     torch.testing.assert_close(got, expected_maps, atol=1e-6, rtol=1e-4)
     assert render["rgb"].grad is None
