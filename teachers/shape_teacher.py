@@ -42,16 +42,21 @@ grad = (x - y) / (mean |x - y| + dmd_eps), a pull of every pixel straight toward
 
 Target renders: targets are drawn by `renderers.mesh_renderer.MeshRenderer.render_meshes` from a mesh
 extracted once per shape and scale by the project's marching cubes (`target_mesh_resolution`^3 grid,
-cached), with per-vertex constant colour, no gradient (`target_renderer="mesh"`, default); or by the
-NeuS volume renderer on the exact SDF (`"volume"`, slower); or by the same kind of renderer as each
-student render (`"same"`). Background and image conventions (`normal_flip_x`, `disparity_depth`) are
-options and must match the student's renderers. Use a solid background for the student's rgb (the
-target's background is the constant `background`).
+cached), with per-vertex constant colour, no gradient (`target_renderer="mesh"`, default, ~70x faster
+than NeuS on the CPU); or by the NeuS volume renderer on the exact SDF (`"volume"`); or by the same
+kind of renderer as each student render (`"same"`). The two renderers disagree on "depth" (mesh: along
+the camera axis; volume: along the ray) and "disparity" (mesh "clip_z": from clip-space z, about
+depth - 0.2; volume: from the ray depth), so mesh-drawn targets that teach a render whose `renderer` is
+"volume" are converted to the volume conventions (`volume_depth_conventions`); without that the volume
+path would be taught a surface 0.2 nearer the camera. Background and the remaining conventions
+(`normal_flip_x`, `disparity_depth`) are options and must match the student's renderers. Use a solid
+background for the student's rgb (the target's background is the constant `background`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -117,6 +122,28 @@ def gaussian_x0(x_t: Tensor, mean: Tensor, std: float, alpha: Tensor, sigma: Ten
     return mean + gain * (x_t - alpha * mean)
 
 
+def volume_depth_conventions(depth: Tensor, alpha: Tensor, cameras: Cameras) -> dict[str, Tensor]:
+    """A mesh render's "depth" and "disparity" `[B, V, 1, H, W]` in the NeuS volume renderer's conventions.
+
+    The mesh renderer's depth is the distance along the camera axis (and its default "clip_z"
+    disparity is computed from the clip-space z, about depth - 0.2); the volume renderer's depth is the
+    distance along the pixel's ray, t = depth / cos(angle between the ray and the camera axis), and its
+    disparity (far - (t a + (1 - a) far)) / (far - near) with a the opacity and near / far = camera
+    distance -/+ sqrt(3). `depth`: the mesh render's axial depth (0 on the background); `alpha`: its coverage.
+    """
+    from renderers.cameras import pixel_ray_directions
+
+    height, width = depth.shape[-2:]
+    directions = pixel_ray_directions(cameras, height, width).to(depth)  # [B, V, H, W, 3] world, unit
+    forward = -cameras.c2w[..., :3, 2].to(depth)  # the camera looks along its -z axis
+    cosine = (directions * forward[:, :, None, None, :]).sum(-1)[:, :, None]  # [B, V, 1, H, W]
+    ray_depth = depth / cosine
+    distance = cameras.distance.to(depth)[:, :, None, None, None]
+    far, near = distance + math.sqrt(3.0), distance - math.sqrt(3.0)
+    blended = ray_depth * alpha + (1.0 - alpha) * far
+    return {"depth": ray_depth, "disparity": ((far - blended) / (far - near)).clamp(0.0, 1.0)}
+
+
 # ---------------------------------------------------------------------------------------------- teacher
 class ShapeTeacher(Teacher):
     """Analytic teacher: exact denoisers of procedural target renders (see the module docstring).
@@ -130,8 +157,9 @@ class ShapeTeacher(Teacher):
             prompt list, so that eps_u does not depend on which prompts share a batch).
         unconditional_std: the standard deviation of the "gaussian" unconditional (latent units).
         background: RGB of the targets' background (match the student renderer's).
-        target_renderer: "mesh" (cached marching-cubes mesh, rasterised), "volume" (NeuS on the exact
-            SDF) or "same" (the renderer kind of each student render).
+        target_renderer: "mesh" (cached marching-cubes mesh, rasterised; depth / disparity converted to
+            the volume conventions for volume renders), "volume" (NeuS on the exact SDF) or "same" (the
+            renderer kind of each student render).
         target_mesh_resolution: marching-cubes grid of the cached target meshes.
         normal_flip_x, disparity_depth, antialias: image conventions of the target renders (as
             `MeshRenderer`'s; keep the student renderer's).
@@ -278,15 +306,22 @@ class ShapeTeacher(Teacher):
         self.frozen = {"mesh": self._freeze(mesh), "volume": self._freeze(volume)}
         self.alphas_cumprod = ddpm_alphas_cumprod(**self.schedule_config)
 
-    def _renderer_kind(self, render: RenderOutput) -> str:
-        if self.target_renderer != "same":
-            return self.target_renderer
-        return "volume" if render.renderer == "volume" else "mesh"
+    def _target_kind(self, render: RenderOutput) -> tuple[str, str]:
+        """(renderer drawing the targets, renderer whose depth / disparity conventions they follow)."""
+        student = "volume" if render.renderer == "volume" else "mesh"
+        renderer = student if self.target_renderer == "same" else self.target_renderer
+        return renderer, student
 
     @torch.no_grad()
-    def render_targets(self, targets: Sequence[ShapeTarget], cameras: Cameras, renderer: str = "mesh") -> RenderOutput:
+    def render_targets(
+        self, targets: Sequence[ShapeTarget], cameras: Cameras, renderer: str = "mesh", conventions: str = "mesh"
+    ) -> RenderOutput:
         """Render `targets[b]` from `cameras[b]` (`[B, V]`, at cameras.height x width) with the project's
-        mesh renderer (cached target meshes) or volume renderer (exact SDF). Images `[B, V, C, H, W]`."""
+        mesh renderer (cached target meshes) or volume renderer (exact SDF). Images `[B, V, C, H, W]`.
+
+        conventions: "volume" makes the "depth" / "disparity" of mesh-rendered targets follow the NeuS
+        volume renderer's (see `volume_depth_conventions`), so that they can teach a volume render.
+        """
         if not self.is_loaded:
             self.load()
         if len(targets) != cameras.batch_size:
@@ -300,7 +335,10 @@ class ShapeTeacher(Teacher):
             mesh = target_mesh(target, self.target_mesh_resolution)
             meshes.append((mesh.vertices.to(device), mesh.faces.to(device)))
             colors.append(target.color_tensor(device).expand(mesh.num_vertices, 3))
-        return self.frozen["mesh"].to(device).render_meshes(meshes, colors, cameras)
+        render = self.frozen["mesh"].to(device).render_meshes(meshes, colors, cameras)
+        if conventions == "volume":
+            render.images.update(volume_depth_conventions(render.images["depth"], render.images["alpha"], cameras))
+        return render
 
     def empty_latent(self, device: torch.device) -> Tensor:
         """The latent `[C, 1, 1]` of the empty scene (background only), in [-1, 1]."""
@@ -340,7 +378,11 @@ class ShapeTeacher(Teacher):
         return first.shape[-2], first.shape[-1]
 
     def _target_latents(
-        self, render: RenderOutput, targets: list[ShapeTarget], components: list[ShapeTarget] | None, renderer: str
+        self,
+        render: RenderOutput,
+        targets: list[ShapeTarget],
+        components: list[ShapeTarget] | None,
+        kind: tuple[str, str],
     ) -> tuple[Tensor, Tensor | None]:
         """Target latents y `[B * V, C, h, w]` (object b's target from its cameras) and, when `components`
         are given, the latents `[K, B * V, C, h, w]` of every component seen from every camera of `render`."""
@@ -348,7 +390,7 @@ class ShapeTeacher(Teacher):
         cameras = resized(render.cameras, height, width)
         batch, views = cameras.batch_size, cameras.num_views
         if components is None:
-            return self.latents(self.render_targets(targets, cameras, renderer).images, "target"), None
+            return self.latents(self.render_targets(targets, cameras, *kind).images, "target"), None
         count = len(components)
         tiled = Cameras(
             c2w=cameras.c2w.repeat(count, 1, 1, 1),
@@ -360,7 +402,7 @@ class ShapeTeacher(Teacher):
             width=width,
         )
         drawn = [target for target in components for _ in range(batch)]
-        latent = self.latents(self.render_targets(drawn, tiled, renderer).images, "target")
+        latent = self.latents(self.render_targets(drawn, tiled, *kind).images, "target")
         latent = latent.view(count, batch * views, *latent.shape[1:])
         own = torch.tensor([components.index(t) for t in targets], device=latent.device)  # [B]
         image = torch.arange(batch * views, device=latent.device)
@@ -409,7 +451,7 @@ class ShapeTeacher(Teacher):
         latents, target_latents, component_latents, done = [], [], [], {}
         for render in renders:
             latents.append(self.latents(render.images, render.renderer))
-            kind = self._renderer_kind(render)
+            kind = self._target_kind(render)
             key = (id(render.cameras), self._render_size(render), kind)
             if key not in done:
                 done[key] = self._target_latents(render, targets, components, kind)
@@ -463,4 +505,5 @@ __all__ = [
     "dirac_mixture_x0",
     "epsilon_from_x0",
     "gaussian_x0",
+    "volume_depth_conventions",
 ]

@@ -171,14 +171,35 @@ def test_target_renderer_same_draws_each_render_with_its_own_kind():
     teacher = ShapeTeacher(channels=["alpha", "normal"], target_renderer="same")
     kinds = []
     original = teacher.render_targets
-    teacher.render_targets = lambda targets, cameras, renderer="mesh": kinds.append(renderer) or original(targets, cameras, renderer)
+    teacher.render_targets = lambda targets, cameras, *kind: kinds.append(kind) or original(targets, cameras, *kind)
     mesh = random_render(size=8, channels=(("alpha", 1), ("normal", 3)))
     volume = RenderOutput({k: v.detach().clone().requires_grad_(True) for k, v in mesh.images.items()}, mesh.cameras, "volume")
     losses = teacher([mesh, volume], PROMPTS, 0)
-    assert kinds == ["mesh", "volume"] and set(losses) == {"shape/mesh", "shape/volume"}
+    assert kinds == [("mesh", "mesh"), ("volume", "volume")] and set(losses) == {"shape/mesh", "shape/volume"}
     # both kinds draw the same silhouettes (mesh vs NeuS of the same exact SDF)
     mesh_alpha, volume_alpha = teacher.last_targets[:8, 0], teacher.last_targets[8:, 0]
     assert ((mesh_alpha > 0) == (volume_alpha > 0)).float().mean() > 0.9
+
+
+def test_mesh_targets_for_volume_renders_follow_the_volume_depth_conventions():
+    teacher = ShapeTeacher(channels=["depth", "disparity"])
+    cameras = evaluation_cameras(2, elevation=20.0, distance=1.6, fovy=60.0, height=24, width=24)
+    targets = [teacher.target("a large sphere")]
+    mesh = teacher.render_targets(targets, cameras, "mesh").images
+    converted = teacher.render_targets(targets, cameras, "mesh", "volume").images
+    volume = teacher.render_targets(targets, cameras, "volume").images
+    inside = (mesh["alpha"] > 0.999) & (volume["alpha"] > 0.999)
+    assert inside.sum() > 300
+    for name in ("depth", "disparity"):
+        assert (mesh[name] - volume[name])[inside].abs().quantile(0.95) > 0.05  # axial depth / clip_z disparity
+        assert (converted[name] - volume[name])[inside].abs().quantile(0.95) < 0.005
+    # the teacher picks the conventions from the render's kind
+    kinds = []
+    original = teacher.render_targets
+    teacher.render_targets = lambda targets, cameras, *kind: kinds.append(kind) or original(targets, cameras, *kind)
+    render = random_render(size=8, channels=(("depth", 1), ("disparity", 1)))
+    teacher([render, RenderOutput(render.images, render.cameras, "volume")], PROMPTS, 0)
+    assert kinds == [("mesh", "mesh"), ("mesh", "volume")]
 
 
 # ---------------------------------------------------------------------------------------------- exact denoisers
@@ -265,7 +286,7 @@ def test_cfg_one_never_renders_the_mixture():
     teacher = ShapeTeacher(cfg_scale=1.0, unconditional_prompts=["a yellow torus", "a green cone"])
     drawn = []
     original = teacher.render_targets
-    teacher.render_targets = lambda targets, cameras, renderer="mesh": drawn.append(len(targets)) or original(targets, cameras, renderer)
+    teacher.render_targets = lambda targets, cameras, *kind: drawn.append(len(targets)) or original(targets, cameras, *kind)
     teacher(random_render(), PROMPTS, 0)
     assert drawn == [2]  # only the two prompts' targets
     teacher.objective.cfg_scale = type(teacher.objective.cfg_scale).parse(2.0)
@@ -325,7 +346,7 @@ class LearnableSphere(nn.Module):
     ],
 )
 def test_prd_is_verifiable_a_sphere_radius_learns_the_target_through_real_renders(renderer, start, config):
-    size = 24 if renderer == "mesh" else 16
+    size = 24 if renderer == "mesh" else 12
     if renderer == "mesh":
         draw = MeshRenderer(resolution=24, backend="torch", sdf_grad_shrink=1.0, use_deformation=False)
     else:
@@ -333,7 +354,7 @@ def test_prd_is_verifiable_a_sphere_radius_learns_the_target_through_real_render
     field, teacher = LearnableSphere(start), ShapeTeacher(target_mesh_resolution=32, **config)
     optimizer = torch.optim.Adam(field.parameters(), lr=0.04)
     generator = torch.Generator().manual_seed(0)
-    for step in range(6):
+    for step in range(5):
         render = draw(field, make_cameras(1, 4, size, size, seed=step))
         loss = sum(teacher(render, ["a red ball"], step, generator).values())
         optimizer.zero_grad()
