@@ -54,6 +54,7 @@ from lightning_modules.cli import UserError
 from lightning_modules.clip_score import CLIPScore3D
 from lightning_modules.prd_logging import mesh_colors, render_grid, slug, tensorboard_mesh
 from lightning_modules.prd_settings import (
+    BackwardClock,
     CameraSampling,
     PRDBatchResult,
     StepTimer,
@@ -414,6 +415,7 @@ class PRDModule(pl.LightningModule):
         backward: Callable[[Tensor, bool], None] | None = None,
         loss_scale: float = 1.0,
         sync_last: bool = True,
+        split_backward: bool = False,
     ) -> PRDBatchResult:
         """One PRD batch: all denoising steps from pure noise, each rendered, judged and backpropagated at once.
 
@@ -422,6 +424,9 @@ class PRDModule(pl.LightningModule):
         backward: `backward(loss, sync)` (None: forward only); `sync` is True for the last backward of the
             batch when `sync_last` (the one that may all-reduce gradients under DDP).
         loss_scale: multiplies every backpropagated loss (1 / accumulate_grad_batches in training).
+        split_backward: also time the backward pass by part ("backward/teacher", "backward/render",
+            "backward/student"), from gradient hooks at the renders and at the triplanes (benchmarks; it
+            synchronises CUDA inside the backward pass).
         """
         student = self._require_student()
         prompts = list(batch["prompts"])
@@ -472,8 +477,17 @@ class PRDModule(pl.LightningModule):
                     nonfinite.append(key)
             total += float(loss.detach()) * step_weight
             if backward is not None:
+                clock = BackwardClock(device) if split_backward else None
+                if clock is not None:
+                    clock.watch(field.planes, "student")
+                    for render in renders.values():
+                        for image in render.images.values():
+                            clock.watch(image, "render")
                 with timer("backward"):
                     backward(loss * (step_weight * loss_scale), sync)
+                if clock is not None:
+                    for part, seconds in clock.split(timer.last("backward")).items():
+                        timer.seconds[f"backward/{part}"] += seconds
             latent = x0.detach()
             del field, renders, losses, loss
         return PRDBatchResult(dict(terms), dict(raw_regs), total, nonfinite, dict(timer.seconds))

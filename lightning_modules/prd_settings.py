@@ -187,25 +187,63 @@ def resolve_student_config(spec: dict | str | os.PathLike | StudentConfig | None
 # ------------------------------------------------------------------------------------------ timing
 
 
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class StepTimer:
     """Wall-clock seconds per named part of a step; CUDA work is synchronised at part boundaries."""
 
     device: torch.device | None = None
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # part -> (start, end) of its last use
 
     @contextmanager
     def __call__(self, part: str):
-        sync = self.device is not None and self.device.type == "cuda"
-        if sync:
-            torch.cuda.synchronize(self.device)
+        _synchronize(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
-            if sync:
-                torch.cuda.synchronize(self.device)
-            self.seconds[part] += time.perf_counter() - start
+            _synchronize(self.device)
+            end = time.perf_counter()
+            self.seconds[part] += end - start
+            self.spans[part] = (start, end)
+
+    def last(self, part: str) -> tuple[float, float]:
+        return self.spans[part]
+
+
+class BackwardClock:
+    """Splits one backward pass into teacher / render / student time with gradient hooks.
+
+    `watch(tensor, part)`: the first gradient reaching any tensor watched as `part` marks where that part's
+    backward begins: "render" on the rendered images (the teachers' backward ends there), "student" on the
+    triplanes (the renderers' backward ends there). Approximate where the parts overlap (e.g. regulariser
+    gradients reach the renderer without passing the images).
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.first: dict[str, float] = {}
+
+    def watch(self, tensor: torch.Tensor, part: str) -> None:
+        if tensor.requires_grad:
+            tensor.register_hook(lambda grad, part=part: self._mark(part))
+
+    def _mark(self, part: str) -> None:
+        if part not in self.first:
+            _synchronize(self.device)
+            self.first[part] = time.perf_counter()
+
+    def split(self, span: tuple[float, float]) -> dict[str, float]:
+        """Seconds per part of the backward pass that ran over `span` = (start, end)."""
+        start, end = span
+        render = self.first.get("render", start)
+        student = self.first.get("student", render)
+        return {"teacher": render - start, "render": max(0.0, student - render), "student": end - student}
 
 
 @dataclass

@@ -396,3 +396,33 @@ def test_learned_background_trains_and_is_checkpointed(tiny_sd_dir):
     module.run_prd_batch(BATCH, step=0, backward=lambda loss, sync: loss.backward())
     assert float(module.background.hypernetwork[2].weight.grad.abs().sum()) > 0
     assert math.isfinite(float(module.background.hypernetwork[0].weight.grad.norm()))
+
+
+def test_validation_logs_clip_score_of_the_evaluation_renders(tiny_sd_dir, tmp_path):
+    from lightning_modules.clip_score import CLIPScore3D, load_open_clip
+    from renderers.cameras import evaluation_cameras
+    from tests.tiny_clip import make_tiny_clip
+
+    model, tokenizer = load_open_clip(f"local-dir:{make_tiny_clip(tmp_path / 'clip')}")
+    torch.manual_seed(0)
+    module = tiny_module(tiny_sd_dir, clip_score=CLIPScore3D(model=model, tokenizer=tokenizer))
+    prompts = ["a red ball", "a blue cube", "a green cone"]
+    data = tiny_data(val=prompts)
+    data.eval_batch_size = 2
+    trainer = fast_trainer(tmp_path, max_steps=1, limit_val_batches=None)
+    trainer.validate(module, data)
+    metrics = trainer.callback_metrics
+    assert {"val/color/mesh", "val/color/volume", "val/teacher_loss"} <= set(metrics)
+
+    expected = CLIPScore3D(model=model, tokenizer=tokenizer)
+    module.eval()
+    with torch.no_grad():
+        field, text = module.generate(prompts, range(3))
+        cameras = evaluation_cameras(2, batch_size=3, height=24, width=24)
+        rgb = module.render_all(field, cameras, text, names=["mesh"], size=24)["mesh"]["rgb"]
+    assert torch.allclose(rgb[:, :, :, 0, 0], torch.ones(()))  # evaluation background: white
+    expected.update(rgb, prompts)
+    values = expected.compute()
+    assert float(metrics["val/clip_score"]) == pytest.approx(float(values["clip_score"]), rel=1e-5)
+    assert float(metrics["val/clip_recall_at_1"]) == pytest.approx(float(values["recall_at_1"]), rel=1e-5)
+    assert module.clip_score.update_count == 0  # reset for the next validation
