@@ -18,6 +18,11 @@ from tests.teacher_helpers import MV_FIXTURE, ND_FIXTURE, make_sd_dir_for, unet_
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ["a red ball", "a blue cube", "a yellow donut", "a green cone"]
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization"),  # intended, see prd_module
+    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),  # pytest's own argv
+]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
@@ -154,7 +159,9 @@ def test_teachers_are_removed_or_replaced_by_editing_the_yaml(dirs, tmp_path):
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
     removed = copy.deepcopy(config)
-    del removed["model"]["init_args"]["teachers"]["init_args"]["teachers"]["stable_diffusion"]
+    # the plain mapping form (name -> teacher) works as well as the TeacherEnsemble form
+    removed["model"]["init_args"]["teachers"] = removed["model"]["init_args"]["teachers"]["init_args"]["teachers"]
+    del removed["model"]["init_args"]["teachers"]["stable_diffusion"]
     cli = _fit_config(removed, tmp_path / "removed.yaml")
     assert set(cli.model.teachers.teachers) == {"mvdream", "richdreamer_nd"}
     assert not any(k.startswith("train/stable_diffusion") for k in cli.trainer.callback_metrics)
