@@ -151,6 +151,9 @@ def test_teachers_are_removed_or_replaced_by_editing_the_yaml(dirs, tmp_path):
     config = tiny_reference_config(dirs, tmp_path)
     cli = _fit_config(config, tmp_path / "all.yaml")
     assert cli.trainer.global_step == 1
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer).__name__ == "Adan" and optimizer.defaults["eps"] == 1e-15
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in cli.model.trainable_parameters()}
     logged = set(cli.trainer.callback_metrics)
     for teacher in ("mvdream", "richdreamer_nd", "stable_diffusion"):
         assert {f"train/{teacher}/mesh", f"train/{teacher}/volume"} <= logged
@@ -171,7 +174,9 @@ def test_teachers_are_removed_or_replaced_by_editing_the_yaml(dirs, tmp_path):
     teachers = swapped["model"]["init_args"]["teachers"]["init_args"]["teachers"]
     teachers["richdreamer_nd"] = {"class_path": "tests.prd_helpers.ColorTeacher", "init_args": {"coverage": 0.3}}
     del teachers["mvdream"]
+    swapped["model"]["init_args"]["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
     cli = _fit_config(swapped, tmp_path / "swapped.yaml")
+    assert type(cli.trainer.optimizers[0]).__name__ == "AdamW"
     assert type(cli.model.teachers.teachers["richdreamer_nd"]).__name__ == "ColorTeacher"
     assert {"train/richdreamer_nd/mesh", "train/stable_diffusion/volume"} <= set(cli.trainer.callback_metrics)
     assert cli.trainer.global_step == 1
