@@ -237,6 +237,13 @@ def test_prd_fit_end_to_end_with_logs_checkpoints_and_resume(tiny_sd_dir, tmp_pa
     assert any(tag.startswith("val_render_mesh/") for tag in images)
     assert any(tag.startswith("val_meshes/") and tag.endswith("_VERTEX") for tag in tensors)
 
+    # the checkpoint carries the CLI config: the module rebuilds from it alone
+    from lightning_modules.prd_module import PRDModule
+
+    restored = PRDModule.load_from_checkpoint(checkpoints / "last.ckpt", map_location="cpu")
+    assert type(restored.teachers.teachers["shape"]).__name__ == "ShapeTeacher"
+    assert all(torch.equal(p, last["state_dict"][k]) for k, p in restored.trainable_named_parameters().items())
+
     # resume from last.ckpt ("last"), then from an explicit file: the run continues where it stopped
     assert main(["fit", "--config", str(path), "--ckpt_path", "last", "--trainer.max_steps", "4"]) == 0
     resumed = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
