@@ -115,23 +115,47 @@ def plane_coordinates(points: Tensor) -> Tensor:
     return torch.stack([torch.stack([x, y], -1), torch.stack([x, z], -1), torch.stack([z, y], -1)], dim=1)
 
 
+def bilinear_sample(images: Tensor, grid: Tensor) -> Tensor:
+    """`F.grid_sample(images, grid[:, None], "bilinear", "zeros", align_corners=False)` written with
+    gathers, so it is differentiable twice (w.r.t. the grid as well).
+
+    PyTorch's CUDA grid sampler has no double backward ("derivative for aten::grid_sampler_2d_backward
+    is not implemented"), which eikonal losses and normal-dependent renders need: d/dp of the SDF
+    gradient. images `[N, C, H, W]`, grid `[N, P, 2]` (x = column, y = row, in [-1, 1]) -> `[N, C, P]`.
+    """
+    n, c, h, w = images.shape
+    x = ((grid[..., 0] + 1) * w - 1) / 2  # [N, P] pixel coordinates, centres at integers
+    y = ((grid[..., 1] + 1) * h - 1) / 2
+    x0, y0 = x.detach().floor(), y.detach().floor()
+    flat = images.reshape(n, c, h * w)
+    out = 0
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        xi, yi = x0 + dx, y0 + dy
+        weight = (1 - (x - xi).abs()) * (1 - (y - yi).abs())  # bilinear tent, exact for |x - xi| <= 1
+        inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+        index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long()  # [N, P]
+        values = flat.gather(2, index[:, None, :].expand(n, c, index.shape[1]))  # [N, C, P]
+        out = out + values * (weight * inside)[:, None, :]
+    return out
+
+
 def sample_planes(planes: Tensor, points: Tensor, mode: str) -> Tensor:
     """Bilinear features of 3 planes `[B, 3, C, H, W]` at points `[B, N, 3]` in [-1, 1]^3.
 
     Pixel centres sit at (2i + 1) / N - 1 (align_corners=False); outside neighbours count as zero.
     Returns `[B, N, C]` (mode "v1": sum over planes) or `[B, N, 3C]` ("v2": [xy | xz | yz]).
+    When the points require grad (normals, eikonal terms), the twice-differentiable `bilinear_sample`
+    is used; otherwise PyTorch's faster `grid_sample`. Both compute the same values.
     """
     b, n_planes, c, h, w = planes.shape
     n = points.shape[1]
-    grid = plane_coordinates(points).reshape(b * n_planes, 1, n, 2)
-    feats = F.grid_sample(
-        planes.reshape(b * n_planes, c, h, w),
-        grid,
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=False,
-    )  # [B*3, C, 1, N]
-    feats = feats.view(b, n_planes, c, n).permute(0, 3, 1, 2)  # [B, N, 3, C]
+    grid = plane_coordinates(points).reshape(b * n_planes, n, 2)
+    images = planes.reshape(b * n_planes, c, h, w)
+    if torch.is_grad_enabled() and points.requires_grad:
+        feats = bilinear_sample(images, grid)  # [B*3, C, N]
+    else:
+        feats = F.grid_sample(images, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=False)
+    feats = feats.reshape(b, n_planes, c, n).permute(0, 3, 1, 2)  # [B, N, 3, C]
     return feats.sum(dim=2) if mode == "v1" else feats.reshape(b, n, n_planes * c)
 
 

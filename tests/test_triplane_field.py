@@ -149,3 +149,42 @@ def test_bad_configuration_is_rejected():
         FieldConfig(tex_interpolate="v3")
     with pytest.raises(ValueError, match="planes"):
         TriplaneField(torch.zeros(1, 3, 4, 8, 8), VanillaMLP(4, 1), VanillaMLP(12, 3))
+
+
+def test_bilinear_sample_equals_grid_sample_and_is_twice_differentiable():
+    from lightning_modules.triplane_field import bilinear_sample
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 2, 5, 7, generator=g, dtype=torch.float64)
+    grid = (torch.rand(3, 40, 2, generator=g, dtype=torch.float64) * 2.4 - 1.2)  # also outside [-1, 1]
+    expected = torch.nn.functional.grid_sample(images, grid[:, None], "bilinear", "zeros", align_corners=False)[:, :, 0]
+    torch.testing.assert_close(bilinear_sample(images, grid), expected, atol=1e-12, rtol=0)
+    images.requires_grad_(True)
+    grid.requires_grad_(True)
+    assert torch.autograd.gradcheck(bilinear_sample, (images, grid))
+    assert torch.autograd.gradgradcheck(bilinear_sample, (images, grid))
+
+
+def test_sdf_gradient_has_a_gradient_wrt_the_planes():
+    """The eikonal loss needs d/dplanes of d sdf / d points (double backward through the sampler)."""
+    from lightning_modules.triplane_field import TriplaneField, VanillaMLP
+
+    g = torch.Generator().manual_seed(1)
+    planes = torch.randn(1, 6, 4, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    mlp = lambda d_in, d_out: VanillaMLP(d_in, d_out, n_neurons=8, n_hidden_layers=1).double()  # noqa: E731
+    torch.manual_seed(0)
+    field = TriplaneField(planes, mlp(4, 1), mlp(12, 3), mlp(4, 3))
+    points = torch.rand(1, 30, 3, generator=g, dtype=torch.float64) * 1.8 - 0.9
+
+    def eikonal(p):
+        _, grad = TriplaneField(p, field.sdf_network, field.feature_network, field.deformation_network
+                                ).sdf_and_gradient(points, create_graph=True)
+        return ((grad.norm(dim=-1) - 1) ** 2).mean()
+
+    (analytic,) = torch.autograd.grad(eikonal(planes), planes)
+    direction = torch.randn(planes.shape, generator=g, dtype=torch.float64)
+    eps = 1e-6
+    with torch.no_grad():
+        numeric = (eikonal(planes + eps * direction) - eikonal(planes - eps * direction)) / (2 * eps)
+    assert analytic.abs().sum() > 0
+    torch.testing.assert_close((analytic * direction).sum(), numeric, rtol=1e-6, atol=1e-9)
