@@ -16,7 +16,11 @@ Exits with status 1 if any of these tolerances is exceeded:
     alpha IoU (alpha > 0.5)                  >= 0.995
     interior max |difference| (any image)    <= 2e-3   (depth: 2e-3 relative to the depth)
     mean |difference| rgb / alpha / normal   <= 5e-3
-    gradient cosine (positions, colours)     >= 0.98
+    gradient cosine, vertex colours          >= 0.98
+    gradient cosine, vertex positions        >= 0.9   (nvdiffrast's own barycentric gradient deviates
+                                                       from finite differences of its forward; the
+                                                       single-triangle probe shows it)
+    single-triangle probe: PyTorch backend gradient vs central finite differences, cosine >= 0.99999
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from renderers.mesh_renderer import MeshRenderer
 from renderers.types import Cameras
 
 IMAGES = ("rgb", "alpha", "normal", "depth", "disparity")
-TOLERANCES = {"iou": 0.995, "interior_max": 2e-3, "mean": 5e-3, "grad_cosine": 0.98}
+TOLERANCES = {"iou": 0.995, "interior_max": 2e-3, "mean": 5e-3, "grad_cosine": 0.98, "position_grad_cosine": 0.9,
+              "probe_fd_cosine": 0.99999}
 
 
 class SceneField:
@@ -97,8 +102,10 @@ def timed(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def probe_single_triangle(device: torch.device) -> None:
-    """Position gradients of one large triangle (no anti-aliasing): both backends and finite differences."""
+def probe_single_triangle(device: torch.device) -> list[str]:
+    """Position gradients of one large triangle (no anti-aliasing): both backends and central finite
+    differences of the float64 PyTorch forward (which equals nvdiffrast's forward to float32 rounding).
+    The PyTorch backend must match the finite differences; nvdiffrast's deviation is printed."""
     cameras = evaluation_cameras(1, height=64, width=64)
     tri = torch.tensor([[[0.0, -0.5, -0.4], [0.1, 0.6, -0.3], [-0.2, 0.0, 0.7]]], dtype=torch.float64)[0]
     faces = torch.tensor([[0, 1, 2]])
@@ -129,6 +136,12 @@ def probe_single_triangle(device: torch.device) -> None:
     for label, g in grads.items():
         cos = F.cosine_similarity(g, fd, dim=0).item()
         print(f"  {label:<20} cosine vs FD {cos:.6f}   |g|/|fd| {(g.norm() / fd.norm()).item():.4f}   {[round(x, 3) for x in g.tolist()]}")
+    failures = []
+    for label in ("torch cuda", "torch cpu f64"):
+        cos = F.cosine_similarity(grads[label], fd, dim=0).item()
+        if cos < TOLERANCES["probe_fd_cosine"]:
+            failures.append(f"single-triangle probe: {label} gradient cosine vs finite differences {cos:.6f}")
+    return failures
 
 
 def main() -> int:
@@ -200,7 +213,10 @@ def main() -> int:
         cosine = F.cosine_similarity(ga.double(), gb.double(), dim=0).item()
         ratio = (gb.norm() / ga.norm().clamp_min(1e-30)).item()
         print(f"gradient w.r.t. {label:<17} cosine {cosine:.5f}   |torch| / |nvdiffrast| {ratio:.4f}")
-        if cosine < TOLERANCES["grad_cosine"]:
+        # nvdiffrast's barycentric gradient is itself not the exact derivative of its forward (see the
+        # single-triangle probe against finite differences), so positions get a looser bound.
+        bound = TOLERANCES["position_grad_cosine" if label == "vertex positions" else "grad_cosine"]
+        if cosine < bound:
             failures.append(f"gradient w.r.t. {label}: cosine {cosine:.4f} < {TOLERANCES['grad_cosine']}")
 
     # Where do the position gradients differ? One image at a time, with and without anti-aliasing.
@@ -221,7 +237,7 @@ def main() -> int:
                 per_backend.append(vertices.grad.flatten().double())
             cosines.append(F.cosine_similarity(*per_backend, dim=0).item() if len(per_backend) == 2 else float("nan"))
         print(f"  {n:<40} {cosines[0]:12.5f} {cosines[1]:15.5f}")
-    probe_single_triangle(device)
+    failures += probe_single_triangle(device)
 
     # field path (marching cubes + colour MLP at the surface) through both backends
     field_out = {name: r(field, cameras) for name, r in renderers.items()}

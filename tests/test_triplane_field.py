@@ -188,3 +188,20 @@ def test_sdf_gradient_has_a_gradient_wrt_the_planes():
         numeric = (eikonal(planes + eps * direction) - eikonal(planes - eps * direction)) / (2 * eps)
     assert analytic.abs().sum() > 0
     torch.testing.assert_close((analytic * direction).sum(), numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_points_requiring_grad_avoid_grid_sample(monkeypatch):
+    """CUDA's grid_sample has no double backward: when the caller may differentiate w.r.t. the points
+    (normals, eikonal), the gather-based sampler must be used (checked here by forbidding grid_sample)."""
+    from lightning_modules import triplane_field
+
+    planes = torch.randn(1, 3, 2, 6, 6)
+    points = torch.rand(1, 10, 3) * 2 - 1
+    fast = triplane_field.sample_planes(planes, points, "v1")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("grid_sample used for points that require grad")
+
+    monkeypatch.setattr(triplane_field.F, "grid_sample", forbidden)
+    twice = triplane_field.sample_planes(planes, points.clone().requires_grad_(True), "v1")
+    torch.testing.assert_close(twice, fast, atol=1e-6, rtol=0)
