@@ -30,6 +30,8 @@ decision is shared by all ranks, so they stay in step.
 Checkpoints hold only what trains (adapters, the new VAE conv_out, the MLPs, a learned background),
 the optimizer state, the data position (saved by the DataModule), the accumulation window and the
 skip counter; never the frozen base or the teachers. `load_state_dict` checks the trainable keys strictly.
+Checkpoint files are written atomically (`checkpoint_io.AtomicCheckpointIO`, installed in `on_fit_start` when
+the trainer has Lightning's default writer): a job killed mid-write leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_modules.checkpoint_io import use_atomic_checkpoints
 from lightning_modules.cli import UserError
 from lightning_modules.clip_score import CLIPScore3D
 from lightning_modules.prd_logging import mesh_colors, render_grid, slug, tensorboard_mesh
@@ -179,6 +182,12 @@ class PRDModule(pl.LightningModule):
                 if not hasattr(renderer, "background"):
                     raise ValueError(f"renderer {name!r} ({type(renderer).__name__}) has no background to replace")
                 renderer.background = background
+        for module in [*self.renderers.modules(), *([background] if background is not None else [])]:
+            fallback = getattr(module, "default_embedding", None)
+            if isinstance(fallback, nn.Parameter):
+                # PRD always renders with the prompts' text embeddings: a background's no-text fallback never gets
+                # a gradient (plain DDP stops on such parameters), so it stays frozen and out of the checkpoints.
+                fallback.requires_grad_(False)
         self.render_resolution = self._per_renderer(render_resolution, "render_resolution")
         self.teachers = teachers if isinstance(teachers, TeacherEnsemble) else TeacherEnsemble(teachers)
         self.regularizer_weights = {key: Schedule.parse(value) for key, value in (regularizers or {}).items()}
@@ -283,7 +292,8 @@ class PRDModule(pl.LightningModule):
 
     def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
         """Canonical name -> parameter of everything that trains: the student's adapters, conv_out and
-        MLPs, and any renderer / background parameters. The frozen base and the teachers never appear."""
+        MLPs, and any renderer / background parameters that require gradients. The frozen base and the
+        teachers never appear."""
         student = self._require_student()
         named = {f"student.{name}": p for name, p in student.trainable_state_dict().items()}
         seen = {id(p) for p in named.values()}
@@ -291,7 +301,7 @@ class PRDModule(pl.LightningModule):
             if module is None:
                 continue
             for name, p in module.named_parameters(prefix=prefix):
-                if id(p) not in seen:
+                if id(p) not in seen and p.requires_grad:
                     seen.add(id(p))
                     named[name] = p
         return named
@@ -506,6 +516,8 @@ class PRDModule(pl.LightningModule):
             self.manual_backward(loss)
 
     def on_fit_start(self) -> None:
+        # A job killed while writing a checkpoint must leave the previous one intact (see checkpoint_io).
+        use_atomic_checkpoints(self.trainer)
         precision = str(getattr(self.trainer, "precision", "32"))
         if precision.startswith("16"):
             raise UserError(

@@ -12,24 +12,13 @@ import torch
 import yaml
 
 from lightning_modules.cli import main
-from tests.prd_helpers import TINY_STUDENT
+from tests.prd_helpers import PRD_WARNING_FILTERS, TINY_STUDENT, fit_with_cli, single_thread  # noqa: F401  (fixture)
 from tests.teacher_helpers import MV_FIXTURE, ND_FIXTURE, make_sd_dir_for, unet_params, vae_factor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ["a red ball", "a blue cube", "a yellow donut", "a green cone"]
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization"),  # intended, see prd_module
-    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),  # pytest's own argv
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [*PRD_WARNING_FILTERS, pytest.mark.usefixtures("single_thread")]
 
 
 @pytest.fixture
@@ -67,6 +56,8 @@ def test_print_config_prints_the_full_config_without_loading_models(name, capsys
     assert model["cameras"]["elevation_range"] == [0.0, 30.0]
     assert printed["trainer"]["max_steps"] == source["trainer"]["max_steps"]
     assert printed["data"]["init_args"]["batch_size"] == source["data"]["init_args"]["batch_size"]
+    if name.startswith("triplaneturbo"):
+        assert printed["trainer"]["plugins"] == [{"class_path": "lightning_modules.checkpoint_io.AtomicCheckpointIO"}]
 
 
 def test_reference_config_holds_the_reference_hyper_parameters():
@@ -135,22 +126,11 @@ def tiny_reference_config(dirs: dict, root: Path) -> dict:
     return config
 
 
-def _fit_config(config: dict, path: Path):
-    from lightning.pytorch.cli import LightningCLI
-
-    path.write_text(yaml.safe_dump(config))
-    cli = LightningCLI(
-        args=["--config", str(path)], run=False, subclass_mode_model=True, subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-    )  # fmt: skip
-    cli.trainer.fit(cli.model, cli.datamodule)
-    return cli
-
-
 def test_teachers_are_removed_or_replaced_by_editing_the_yaml(dirs, tmp_path):
     config = tiny_reference_config(dirs, tmp_path)
-    cli = _fit_config(config, tmp_path / "all.yaml")
+    cli = fit_with_cli(config, tmp_path / "all.yaml")
     assert cli.trainer.global_step == 1
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"  # trainer.plugins
     optimizer = cli.trainer.optimizers[0]
     assert type(optimizer).__name__ == "Adan" and optimizer.defaults["eps"] == 1e-15
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in cli.model.trainable_parameters()}
@@ -165,7 +145,7 @@ def test_teachers_are_removed_or_replaced_by_editing_the_yaml(dirs, tmp_path):
     # the plain mapping form (name -> teacher) works as well as the TeacherEnsemble form
     removed["model"]["init_args"]["teachers"] = removed["model"]["init_args"]["teachers"]["init_args"]["teachers"]
     del removed["model"]["init_args"]["teachers"]["stable_diffusion"]
-    cli = _fit_config(removed, tmp_path / "removed.yaml")
+    cli = fit_with_cli(removed, tmp_path / "removed.yaml")
     assert set(cli.model.teachers.teachers) == {"mvdream", "richdreamer_nd"}
     assert not any(k.startswith("train/stable_diffusion") for k in cli.trainer.callback_metrics)
     assert cli.trainer.global_step == 1
@@ -175,7 +155,7 @@ def test_teachers_are_removed_or_replaced_by_editing_the_yaml(dirs, tmp_path):
     teachers["richdreamer_nd"] = {"class_path": "tests.prd_helpers.ColorTeacher", "init_args": {"coverage": 0.3}}
     del teachers["mvdream"]
     swapped["model"]["init_args"]["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
-    cli = _fit_config(swapped, tmp_path / "swapped.yaml")
+    cli = fit_with_cli(swapped, tmp_path / "swapped.yaml")
     assert type(cli.trainer.optimizers[0]).__name__ == "AdamW"
     assert type(cli.model.teachers.teachers["richdreamer_nd"]).__name__ == "ColorTeacher"
     assert {"train/richdreamer_nd/mesh", "train/stable_diffusion/volume"} <= set(cli.trainer.callback_metrics)

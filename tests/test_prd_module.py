@@ -13,22 +13,19 @@ from lightning_modules.cli import UserError
 from lightning_modules.prd_module import CheckpointMismatchError, export_student_weights
 from lightning_modules.student import TriplaneStudent
 from lightning_modules.weights import StudentConfig
-from tests.prd_helpers import ColorTeacher, fast_trainer, tiny_data, tiny_module, trainable_copy
+from tests.prd_helpers import (  # noqa: F401  (single_thread: fixture)
+    PRD_WARNING_FILTERS,
+    ColorTeacher,
+    fast_trainer,
+    single_thread,
+    tiny_data,
+    tiny_module,
+    trainable_copy,
+)
 
 BATCH = {"prompts": ["a red ball", "a blue cube"], "seed": 1234}
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization"),  # intended, see prd_module
-    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),  # pytest's own argv
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [*PRD_WARNING_FILTERS, pytest.mark.usefixtures("single_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -398,8 +395,11 @@ def test_learned_background_trains_and_is_checkpointed(tiny_sd_dir):
         "background.hypernetwork.2.bias",
     ]
     assert set(module.state_dict()) == set(names)
+    assert not module.background.default_embedding.requires_grad  # the no-text fallback: PRD always has text
     module.run_prd_batch(BATCH, step=0, backward=lambda loss, sync: loss.backward())
     assert float(module.background.hypernetwork[2].weight.grad.abs().sum()) > 0
+    # plain DDP (find_unused_parameters=False) needs a gradient for every trainable parameter at every step
+    assert [name for name, p in module.trainable_named_parameters().items() if p.grad is None] == []
     assert math.isfinite(float(module.background.hypernetwork[0].weight.grad.norm()))
 
 

@@ -1,0 +1,101 @@
+"""Multi-process PRD training: `prd fit` with `strategy: ddp` on 2 CPU processes (gloo), started the two ways a
+user starts it: by Lightning itself (`trainer.devices: 2`, one command) and by torchrun (processes created
+outside Lightning, as on a cluster). The ranks take disjoint prompts (the DataModule's documented sharding), their
+trainable weights and optimizer state stay bit-for-bit identical after every step, and the step applied is the
+one of the gradient averaged over the ranks' batches."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from datamodules.prompts import batch_seed, epoch_permutation
+from renderers import TextConditionedBackground
+from tests.prd_helpers import (
+    PRD_WARNING_FILTERS,
+    load_checkpoint,
+    read_batches,
+    single_thread,  # noqa: F401  (fixture)
+    subprocess_env,
+    tiny_cli_config,
+    tiny_module,
+    write_config,
+    xdist_group,
+)
+
+pytestmark = [*PRD_WARNING_FILTERS, *xdist_group("prd_processes"), pytest.mark.usefixtures("single_thread")]
+
+PROMPTS = [f"prompt number {i}" for i in range(8)]  # 2 ranks x 2 prompts: 2 global batches per epoch
+STEPS = 3
+LR = 0.1  # SGD with momentum: the first step is exactly -LR x the averaged gradient
+
+
+def _launch(launcher: str, config_path) -> list[str]:
+    cli = ["-m", "lightning_modules.cli", "fit", "--config", str(config_path)]
+    if launcher == "torchrun":  # what a cluster job runs on every node (see README): 2 processes on this one
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cli]
+    return [sys.executable, *cli]  # Lightning starts rank 1 itself
+
+
+def _weights(directory, rank: int, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / f"rank{rank}_step{step}.safetensors"))
+
+
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_ddp_ranks_take_disjoint_prompts_and_stay_identical(tiny_sd_dir, tmp_path, launcher):
+    dumps = tmp_path / "weights"
+    config = tiny_cli_config(
+        tiny_sd_dir, tmp_path, STEPS, PROMPTS, strategy="ddp", devices=2,
+        callbacks=[{"class_path": "tests.prd_helpers.WeightsDump", "init_args": {"directory": str(dumps)}}],
+    )  # fmt: skip
+    config["model"]["init_args"]["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": LR, "momentum": 0.9}}
+    path = write_config(config, tmp_path / "config.yaml")
+    run = subprocess.run(_launch(launcher, path), env=subprocess_env(threads=1), capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+
+    # disjoint prompts: global batch s of epoch e is perm_e[4s : 4s + 4], rank r takes its r-th half
+    records = {rank: read_batches(tmp_path / f"batches_rank{rank}.jsonl") for rank in (0, 1)}
+    assert [len(records[0]), len(records[1])] == [STEPS, STEPS]
+    for step in range(STEPS):
+        a, b = records[0][step], records[1][step]
+        assert a["global_step"] == b["global_step"] == step and a["epoch"] == b["epoch"] == step // 2
+        assert not set(a["indices"]) & set(b["indices"]) and a["seed"] != b["seed"]
+        perm = epoch_permutation(len(PROMPTS), seed=0, epoch=a["epoch"])
+        for rank, record in ((0, a), (1, b)):
+            start = (step % 2) * 4 + rank * 2
+            assert record["indices"] == perm[start : start + 2].tolist()
+            assert record["prompts"] == [PROMPTS[i] for i in record["indices"]]
+            assert record["seed"] == batch_seed(0, 0, record["epoch"], step % 2, rank)
+    epoch0 = [i for rank in (0, 1) for r in records[rank][:2] for i in r["indices"]]
+    assert sorted(epoch0) == list(range(len(PROMPTS)))  # one epoch: every prompt exactly once over the ranks
+
+    # identical weights and optimizer state on both ranks, at the start and after every step
+    for step in range(STEPS + 1):
+        w0, w1 = _weights(dumps, 0, step), _weights(dumps, 1, step)
+        assert set(w0) == set(w1)
+        assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == [], f"ranks differ after step {step}"
+        if step:
+            previous = _weights(dumps, 0, step - 1)
+            assert any(not torch.equal(w0[k], previous[k]) for k in w0 if k.startswith("param/"))
+    final = _weights(dumps, 0, STEPS)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")  # written by rank 0
+    assert checkpoint["global_step"] == STEPS
+    assert all(torch.equal(value, final[f"param/{key}"]) for key, value in checkpoint["state_dict"].items())
+    assert checkpoint["PromptDataModule"]["layout"]["world_size"] == 2
+
+    # the update is the one of the gradient averaged over both ranks' batches (computed here in one process)
+    module = tiny_module(tiny_sd_dir, background=TextConditionedBackground(text_dim=32, hidden_dim=8))
+    module.configure_model()
+    start = {k.removeprefix("param/"): v for k, v in _weights(dumps, 0, 0).items() if k.startswith("param/")}
+    module.load_state_dict(start)
+    for rank in (0, 1):
+        batch = records[rank][0]
+        module.run_prd_batch({"prompts": batch["prompts"], "seed": batch["seed"]}, step=0, backward=lambda loss, sync: loss.backward())
+    after = _weights(dumps, 0, 1)
+    for name, p in module.trainable_named_parameters().items():
+        expected = start[name] - LR * p.grad / 2
+        torch.testing.assert_close(after[f"param/{name}"], expected, rtol=1e-4, atol=1e-7, msg=name)
