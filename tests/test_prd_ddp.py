@@ -1,8 +1,8 @@
 """Multi-process PRD training: `prd fit` with `strategy: ddp` on 2 CPU processes (gloo), started the two ways a
 user starts it: by Lightning itself (`trainer.devices: 2`, one command) and by torchrun (processes created
-outside Lightning, as on a cluster). The ranks take disjoint prompts (the DataModule's documented sharding), their
-trainable weights and optimizer state stay bit-for-bit identical after every step, and the step applied is the
-one of the gradient averaged over the ranks' batches."""
+outside Lightning, as on a cluster; with 2 accumulated batches per step). The ranks take disjoint prompts (the
+DataModule's documented sharding), their trainable weights and optimizer state stay bit-for-bit identical after
+every step, and the step applied is the one of the gradient averaged over the ranks' batches."""
 
 from __future__ import annotations
 
@@ -45,11 +45,11 @@ def _weights(directory, rank: int, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(directory / f"rank{rank}_step{step}.safetensors"))
 
 
-@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
-def test_ddp_ranks_take_disjoint_prompts_and_stay_identical(tiny_sd_dir, tmp_path, launcher):
+@pytest.mark.parametrize(("launcher", "accumulate"), [("lightning", 1), ("torchrun", 2)])
+def test_ddp_ranks_take_disjoint_prompts_and_stay_identical(tiny_sd_dir, tmp_path, launcher, accumulate):
     dumps = tmp_path / "weights"
     config = tiny_cli_config(
-        tiny_sd_dir, tmp_path, STEPS, PROMPTS, strategy="ddp", devices=2,
+        tiny_sd_dir, tmp_path, STEPS, PROMPTS, strategy="ddp", devices=2, accumulate_grad_batches=accumulate,
         callbacks=[{"class_path": "tests.prd_helpers.WeightsDump", "init_args": {"directory": str(dumps)}}],
     )  # fmt: skip
     config["model"]["init_args"]["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": LR, "momentum": 0.9}}
@@ -57,19 +57,21 @@ def test_ddp_ranks_take_disjoint_prompts_and_stay_identical(tiny_sd_dir, tmp_pat
     run = subprocess.run(_launch(launcher, path), env=subprocess_env(threads=1), capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
 
-    # disjoint prompts: global batch s of epoch e is perm_e[4s : 4s + 4], rank r takes its r-th half
+    # disjoint prompts: global batch n = 2e + b (epoch e, batch b) is perm_e[4b : 4b + 4], rank r takes its r-th half
     records = {rank: read_batches(tmp_path / f"batches_rank{rank}.jsonl") for rank in (0, 1)}
-    assert [len(records[0]), len(records[1])] == [STEPS, STEPS]
-    for step in range(STEPS):
-        a, b = records[0][step], records[1][step]
-        assert a["global_step"] == b["global_step"] == step and a["epoch"] == b["epoch"] == step // 2
+    batches = STEPS * accumulate
+    assert [len(records[0]), len(records[1])] == [batches, batches]
+    for n in range(batches):
+        a, b = records[0][n], records[1][n]
+        assert a["global_step"] == b["global_step"] == n // accumulate
+        assert (a["epoch"], a["batch_idx"]) == (b["epoch"], b["batch_idx"]) == (n // 2, n % 2)
         assert not set(a["indices"]) & set(b["indices"]) and a["seed"] != b["seed"]
-        perm = epoch_permutation(len(PROMPTS), seed=0, epoch=a["epoch"])
+        perm = epoch_permutation(len(PROMPTS), seed=0, epoch=n // 2)
         for rank, record in ((0, a), (1, b)):
-            start = (step % 2) * 4 + rank * 2
+            start = (n % 2) * 4 + rank * 2
             assert record["indices"] == perm[start : start + 2].tolist()
             assert record["prompts"] == [PROMPTS[i] for i in record["indices"]]
-            assert record["seed"] == batch_seed(0, 0, record["epoch"], step % 2, rank)
+            assert record["seed"] == batch_seed(0, 0, n // 2, n % 2, rank)
     epoch0 = [i for rank in (0, 1) for r in records[rank][:2] for i in r["indices"]]
     assert sorted(epoch0) == list(range(len(PROMPTS)))  # one epoch: every prompt exactly once over the ranks
 
@@ -87,14 +89,18 @@ def test_ddp_ranks_take_disjoint_prompts_and_stay_identical(tiny_sd_dir, tmp_pat
     assert all(torch.equal(value, final[f"param/{key}"]) for key, value in checkpoint["state_dict"].items())
     assert checkpoint["PromptDataModule"]["layout"]["world_size"] == 2
 
-    # the update is the one of the gradient averaged over both ranks' batches (computed here in one process)
+    # the first update is the one of the gradient averaged over both ranks' batches of the first window
+    # (computed here in one process)
     module = tiny_module(tiny_sd_dir, background=TextConditionedBackground(text_dim=32, hidden_dim=8))
     module.configure_model()
     start = {k.removeprefix("param/"): v for k, v in _weights(dumps, 0, 0).items() if k.startswith("param/")}
     module.load_state_dict(start)
     for rank in (0, 1):
-        batch = records[rank][0]
-        module.run_prd_batch({"prompts": batch["prompts"], "seed": batch["seed"]}, step=0, backward=lambda loss, sync: loss.backward())
+        for batch in records[rank][:accumulate]:
+            module.run_prd_batch(
+                {"prompts": batch["prompts"], "seed": batch["seed"]}, step=0,
+                backward=lambda loss, sync: loss.backward(), loss_scale=1.0 / accumulate,
+            )  # fmt: skip
     after = _weights(dumps, 0, 1)
     for name, p in module.trainable_named_parameters().items():
         expected = start[name] - LR * p.grad / 2
