@@ -155,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
     for event in events:
+        after = "no last.ckpt yet" if event.step_after is None else f"last.ckpt at step {event.step_after} loads"
         print(
-            f"kill {event.run}: {event.delay * 1000:.0f} ms after a checkpoint change, last.ckpt step "
-            f"{event.step_before} -> {event.step_after}, loads{' (killed mid-write)' if event.mid_write else ''}"
+            f"kill {event.run}: {event.delay * 1000:.0f} ms after a checkpoint change; run started at step "
+            f"{event.step_before or 0}; {after}{' (killed mid-write)' if event.mid_write else ''}"
         )
     final = checkpoint_step(Path(args.checkpoint_dir) / LAST)
     print(f"final run: exit code {code}, last.ckpt at step {final}")
