@@ -243,7 +243,8 @@ def subprocess_env(threads: int = 1) -> dict[str, str]:
 
 class BatchRecorder(pl.Callback):
     """Appends every training batch this rank takes to a JSONL file (`{rank}` in `path` is the global rank):
-    rank, global step, epoch, batch index, seed, prompts and prompt indices. Appends across resumed runs."""
+    rank, process id, global step, epoch, batch index, seed, prompts and prompt indices. Appends across
+    resumed runs (the process id tells the runs apart)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -251,6 +252,7 @@ class BatchRecorder(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         record = {
             "rank": trainer.global_rank,
+            "pid": os.getpid(),
             "global_step": trainer.global_step,
             "epoch": int(batch["epoch"]),
             "batch_idx": int(batch["batch_idx"]),
