@@ -117,6 +117,7 @@ class Teacher(nn.Module):
         self.offload = offload
         # Not registered as submodules on purpose (see the module docstring).
         self.frozen: dict[str, nn.Module] = {}
+        self.last_output = None  # the last ScoreDistillationOutput, loss detached (see `record_stats`)
         self.last_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ frozen models
@@ -201,6 +202,19 @@ class Teacher(nn.Module):
         """One scalar loss per render."""
         raise NotImplementedError
 
+    def reduce_losses(self, per_image: Tensor, num_renders: int, views_per_object: int) -> list[Tensor]:
+        """Per-render losses from per-image ones: summed over objects, averaged over views."""
+        return list((per_image.view(num_renders, -1).sum(dim=1) / views_per_object).unbind(0))
+
+    def record_stats(self, output) -> None:
+        # The last ScoreDistillationOutput, fully detached (holding the graph would keep the
+        # render activations alive until the next call).
+        self.last_output = dataclasses.replace(output, loss=output.loss.detach())
+        self.last_stats = {
+            "grad_norm": float(output.grad.norm()),
+            "t_mean": float(output.timesteps.float().mean()),
+        }
+
 
 def render_keys(name: str, renders: Sequence[RenderOutput]) -> list[str]:
     """`name/renderer` per render, `name/renderer_i` when a renderer name repeats."""
@@ -276,7 +290,7 @@ class ScoreDistillationTeacher(Teacher):
             grad_clip=grad_clip,
         )
         self.alphas_cumprod: Tensor | None = None  # [T] float32, set by load()
-        self.last_output = None
+        self.prediction_type = "epsilon"  # of the frozen UNet, set by load(): "epsilon" or "v_prediction"
 
     @property
     def prompt_processor(self):
@@ -315,30 +329,36 @@ class ScoreDistillationTeacher(Teacher):
         embeddings = embeddings.to(device, torch.float32)
         return embeddings.cond, embeddings.uncond
 
-    def reduce_losses(self, per_image: Tensor, num_renders: int, views_per_object: int) -> list[Tensor]:
-        """Per-render losses from per-image ones: summed over objects, averaged over views."""
-        return list((per_image.view(num_renders, -1).sum(dim=1) / views_per_object).unbind(0))
-
-    def record_stats(self, output) -> None:
-        # The last ScoreDistillationOutput, fully detached (holding the graph would keep the
-        # render activations alive until the next call).
-        self.last_output = dataclasses.replace(output, loss=output.loss.detach())
-        self.last_stats = {
-            "grad_norm": float(output.grad.norm()),
-            "t_mean": float(output.timesteps.float().mean()),
-        }
+    def as_epsilon(self, prediction: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+        """The frozen UNet's output `[N, C, h, w]` as epsilon: a v-prediction becomes
+        eps = alpha_t v + sigma_t x_t; an epsilon prediction passes through."""
+        if self.prediction_type != "v_prediction":
+            return prediction
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * prediction + (1 - abar).sqrt() * x_t
 
 
 def render_image(render: RenderOutput, name: str, channels: int, teacher: str) -> Tensor:
     """`render.images[name]` checked to be `[B, V, channels, H, W]`."""
-    if name not in render.images:
+    return checked_image(render.images, name, channels, teacher, render.renderer)
+
+
+def checked_image(images: Mapping[str, Tensor], name: str, channels: int, teacher: str, renderer: str) -> Tensor:
+    """`images[name]` checked to be `[B, V, channels, H, W]` (`renderer` names the render in the error)."""
+    if name not in images:
         raise ValueError(
             f"{teacher} needs render images {name!r} [B, V, {channels}, H, W]; "
-            f"the {render.renderer} render has: {', '.join(render.images) or 'none'}"
+            f"the {renderer} render has: {', '.join(images) or 'none'}"
         )
-    image = render.images[name]
+    image = images[name]
     if image.ndim != 5 or image.shape[2] != channels:
         raise ValueError(
             f"{teacher}: render image {name!r} must be [B, V, {channels}, H, W], got {list(image.shape)}"
         )
     return image
+
+
+def per_image(embeddings: Tensor, views_per_object: int, num_renders: int) -> Tensor:
+    """Text embeddings `[B, L, D]` repeated for a teacher batch `[R * B * k, L, D]`: index
+    `render * B * k + object * k + view` (every render of a call shares one teacher batch)."""
+    return embeddings.repeat_interleave(views_per_object, dim=0).repeat(num_renders, 1, 1)

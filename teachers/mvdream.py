@@ -21,7 +21,8 @@ from torch import Tensor
 
 from lightning_modules.schedules import ScheduleLike
 from renderers.types import Cameras, RenderOutput
-from teachers.base import ScoreDistillationTeacher, TeacherWeightsNotFoundError, render_image
+from teachers.base import ScoreDistillationTeacher, TeacherWeightsNotFoundError, per_image, render_image
+from teachers.camera_vectors import camera_vectors, richdreamer_condition_distance
 from teachers.stable_diffusion import DEFAULT_SD, encode_rgb, load_vae
 
 NEGATIVE_PROMPT = (
@@ -58,13 +59,14 @@ def resolve_checkpoint(
 class MultiViewTeacher(ScoreDistillationTeacher):
     """Shared machinery of the camera-conditioned multi-view teachers (MVDream, RichDreamer ND).
 
-    Subclasses define `latents(render, generator) -> [B * V, 4, h, w]` and
-    `camera_condition(cameras) -> [B * V, 16]`, and the checkpoint names.
+    Subclasses define `latents(render, generator) -> [B * V, 4, h, w]`, the checkpoint names and the
+    camera convention of the model (`teachers.camera_vectors`; "richdreamer" also reads `camera_distance`).
     """
 
     model_label = "multi-view"
     hub_filename = ""
-    camera_convention = ""
+    camera_convention = "mvdream"
+    camera_distance = "rel_x2"  # "richdreamer" convention: the radius written into the camera vector
 
     def __init__(
         self,
@@ -81,7 +83,6 @@ class MultiViewTeacher(ScoreDistillationTeacher):
         self.config_path = config_path
         self.hub_id = hub_id
         self.resolution = resolution
-        self.prediction_type = "epsilon"
 
     def release_info(self) -> tuple[str, str]:
         """(where the checkpoint is published, how to fetch it), from the multi-view UNet's release table."""
@@ -121,7 +122,18 @@ class MultiViewTeacher(ScoreDistillationTeacher):
         raise NotImplementedError
 
     def camera_condition(self, cameras: Cameras) -> Tensor:
-        raise NotImplementedError
+        """Camera vectors `[B * V, 16]` in the model's `camera_convention`: MVDream's (c2w with unit
+        translation, row-major) or RichDreamer's (Rz(-90 deg) world rotation, translation scaled to the
+        `camera_distance` radius: "rel_x2" = 2 x distance x tan(fovy / 2), "rel" or "abs")."""
+        distance = cameras.distance
+        if self.camera_convention == "richdreamer":
+            distance = richdreamer_condition_distance(distance, cameras.fovy, self.camera_distance)
+        return camera_vectors(
+            cameras.elevation.flatten(),
+            cameras.azimuth.flatten(),
+            distance.flatten(),
+            convention=self.camera_convention,
+        )
 
     def concat_condition(self, render: RenderOutput, latent_size: tuple[int, int]) -> Tensor | None:
         """Extra UNet input channels `[B * V, C', h, w]` appended to x (RichDreamer albedo: disparity)."""
@@ -146,8 +158,8 @@ class MultiViewTeacher(ScoreDistillationTeacher):
         abar = self.alphas_cumprod.to(device)
         camera = torch.cat([self.camera_condition(render.cameras.to(device)) for render in renders]).float()
         cond, uncond = self.text_embeddings(prompts, batch, device)
-        cond = cond.repeat_interleave(num_views, dim=0).repeat(len(renders), 1, 1)
-        uncond = uncond.repeat_interleave(num_views, dim=0).repeat(len(renders), 1, 1)
+        cond = per_image(cond, num_views, len(renders))
+        uncond = per_image(uncond, num_views, len(renders))
 
         def denoise(x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
             blocks = x_t.shape[0] // camera.shape[0]  # CFG blocks [cond, uncond(, cond at t+)]
@@ -159,9 +171,7 @@ class MultiViewTeacher(ScoreDistillationTeacher):
                 num_frames=num_views,
                 **({"concat": concat.repeat(blocks, 1, 1, 1)} if concat is not None else {}),
             ).float()
-            if self.prediction_type == "v_prediction":  # eps = alpha_t v + sigma_t x_t
-                out = abar[t].sqrt().view(-1, 1, 1, 1) * out + (1 - abar[t]).sqrt().view(-1, 1, 1, 1) * x_t
-            return out
+            return self.as_epsilon(out, x_t, t, abar)
 
         output = self.objective(
             x, denoise, cond, uncond, self.alphas_cumprod, step, generator, group_size=num_views
@@ -260,15 +270,4 @@ class MVDreamTeacher(MultiViewTeacher):
         rgb = render_image(render, "rgb", 3, type(self).__name__)
         return encode_rgb(
             self.frozen["vae"], rgb.flatten(0, 1), self.resolution, self.sample_posterior, generator
-        )
-
-    def camera_condition(self, cameras: Cameras) -> Tensor:
-        """MVDream camera vectors `[B * V, 16]` (c2w with unit translation, row-major)."""
-        from teachers.multiview_unet import camera_vectors
-
-        return camera_vectors(
-            cameras.elevation.flatten(),
-            cameras.azimuth.flatten(),
-            cameras.distance.flatten(),
-            convention="mvdream",
         )

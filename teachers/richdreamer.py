@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_modules.schedules import ScheduleLike
-from renderers.types import Cameras, RenderOutput
+from renderers.types import RenderOutput
 from teachers.base import render_image
 from teachers.mvdream import NEGATIVE_PROMPT, MultiViewTeacher, MVDreamTeacher
 from teachers.stable_diffusion import DEFAULT_SD
@@ -32,27 +32,11 @@ DEFAULT_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CAMERA_DISTANCES = ("rel_x2", "rel", "abs")
 
 
-def richdreamer_distances(cameras: Cameras, mode: str) -> Tensor:
-    """The distance `[B, V]` written into RichDreamer camera vectors: "rel_x2" = 2 x relative
-    distance (relative = absolute x tan(fovy / 2)), "rel" or "abs" (the absolute distance)."""
+def check_camera_distance(mode: str) -> str:
+    """`mode` if it is one of the camera distances a RichDreamer teacher accepts, else a one-line error."""
     if mode not in CAMERA_DISTANCES:
         raise ValueError(f"camera_distance {mode!r} is not one of {', '.join(CAMERA_DISTANCES)}")
-    if mode == "abs":
-        return cameras.distance
-    relative = cameras.distance * torch.tan(cameras.fovy / 2)
-    return 2 * relative if mode == "rel_x2" else relative
-
-
-def richdreamer_camera_vectors(cameras: Cameras, mode: str) -> Tensor:
-    """RichDreamer camera vectors `[B * V, 16]` (Rz(-90 deg) world rotation, scaled translation)."""
-    from teachers.multiview_unet import camera_vectors
-
-    return camera_vectors(
-        cameras.elevation.flatten(),
-        cameras.azimuth.flatten(),
-        richdreamer_distances(cameras, mode).flatten(),
-        convention="richdreamer",
-    )
+    return mode
 
 
 class RichDreamerNormalDepthTeacher(MultiViewTeacher):
@@ -104,10 +88,7 @@ class RichDreamerNormalDepthTeacher(MultiViewTeacher):
         dtype: str = "float32",
         offload: bool = False,
     ) -> None:
-        if camera_distance not in CAMERA_DISTANCES:
-            raise ValueError(
-                f"camera_distance {camera_distance!r} is not one of {', '.join(CAMERA_DISTANCES)}"
-            )
+        check_camera_distance(camera_distance)
         super().__init__(
             ckpt_path=ckpt_path,
             config_path=config_path,
@@ -142,10 +123,6 @@ class RichDreamerNormalDepthTeacher(MultiViewTeacher):
         maps = torch.cat([normal, disparity], dim=2).flatten(0, 1).float()  # [B * V, 4, H, W]
         maps = F.adaptive_avg_pool2d(maps, (self.resolution, self.resolution))
         return maps * 2 - 1 if self.map_to_minus_one_one else maps
-
-    def camera_condition(self, cameras: Cameras) -> Tensor:
-        """RichDreamer ND camera vectors `[B * V, 16]`."""
-        return richdreamer_camera_vectors(cameras, self.camera_distance)
 
 
 class RichDreamerAlbedoTeacher(MVDreamTeacher):
@@ -193,10 +170,7 @@ class RichDreamerAlbedoTeacher(MVDreamTeacher):
         dtype: str = "float32",
         offload: bool = False,
     ) -> None:
-        if camera_distance not in CAMERA_DISTANCES:
-            raise ValueError(
-                f"camera_distance {camera_distance!r} is not one of {', '.join(CAMERA_DISTANCES)}"
-            )
+        check_camera_distance(camera_distance)
         super().__init__(
             ckpt_path=ckpt_path,
             config_path=config_path,
@@ -230,7 +204,3 @@ class RichDreamerAlbedoTeacher(MVDreamTeacher):
         """Disparity `[B * V, 1, h, w]` in [-1, 1], nearest-resized to the latent size (a condition: no gradient)."""
         disparity = render_image(render, "disparity", 1, type(self).__name__).detach().flatten(0, 1).float()
         return F.interpolate(disparity * 2 - 1, size=latent_size, mode="nearest")
-
-    def camera_condition(self, cameras: Cameras) -> Tensor:
-        """RichDreamer camera vectors `[B * V, 16]`."""
-        return richdreamer_camera_vectors(cameras, self.camera_distance)

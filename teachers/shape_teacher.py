@@ -55,7 +55,6 @@ background for the student's rgb (the target's background is the constant `backg
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -66,7 +65,7 @@ from torch import Tensor
 from lightning_modules.schedules import ScheduleLike
 from renderers.cameras import resized
 from renderers.types import Cameras, RenderOutput
-from teachers.base import Teacher, render_image
+from teachers.base import Teacher, checked_image, render_image
 from teachers.objectives import ScoreDistillation
 from teachers.shapes import ShapeField, ShapeTarget, parse_shape_prompt, target_mesh
 
@@ -268,7 +267,6 @@ class ShapeTeacher(Teacher):
         self._targets: dict[str, ShapeTarget] = {}
         self.unconditional_targets = [self.target(prompt) for prompt in unconditional_prompts]
         self.alphas_cumprod: Tensor | None = None  # [T] float32, set by load()
-        self.last_output = None  # the last ScoreDistillationOutput (loss detached)
         self.last_targets: Tensor | None = None  # [N, C, h, w] target latents of the last call
 
     # ------------------------------------------------------------------ targets
@@ -355,19 +353,9 @@ class ShapeTeacher(Teacher):
     # ------------------------------------------------------------------ latents
     def latents(self, images: Mapping[str, Tensor], renderer: str = "render") -> Tensor:
         """Teacher latent `[B * V, C, h, w]` in [-1, 1] from images name -> `[B, V, c, H, W]`."""
-        stack = []
-        for name in self.channels:
-            if name not in images:
-                raise ValueError(
-                    f"ShapeTeacher needs render images {name!r} [B, V, {IMAGE_CHANNELS[name]}, H, W]; "
-                    f"the {renderer} render has: {', '.join(images) or 'none'}"
-                )
-            image = images[name]
-            if image.ndim != 5 or image.shape[2] != IMAGE_CHANNELS[name]:
-                raise ValueError(
-                    f"ShapeTeacher: render image {name!r} must be [B, V, {IMAGE_CHANNELS[name]}, H, W], got {list(image.shape)}"
-                )
-            stack.append(image)
+        stack = [
+            checked_image(images, name, IMAGE_CHANNELS[name], "ShapeTeacher", renderer) for name in self.channels
+        ]
         maps = torch.cat(stack, dim=2).flatten(0, 1).float()
         if self.resolution is not None and tuple(maps.shape[-2:]) != (self.resolution, self.resolution):
             maps = F.adaptive_avg_pool2d(maps, (self.resolution, self.resolution))
@@ -483,14 +471,10 @@ class ShapeTeacher(Teacher):
         codes = torch.arange(num_images, device=x.device)
         group = views if self.shared_timestep else 1
         output = self.objective(x, denoise, codes, codes + num_images, self.alphas_cumprod, step, generator, group_size=group)
-        self.last_output = dataclasses.replace(output, loss=output.loss.detach())
+        self.record_stats(output)
         self.last_targets = y.detach()
-        self.last_stats = {
-            "grad_norm": float(output.grad.norm()),
-            "t_mean": float(output.timesteps.float().mean()),
-            "target_mse": float((x.detach() - y).square().mean()),
-        }
-        return list((output.loss.view(len(renders), -1).sum(dim=1) / views).unbind(0))
+        self.last_stats["target_mse"] = float((x.detach() - y).square().mean())
+        return self.reduce_losses(output.loss, len(renders), views)
 
     def extra_repr(self) -> str:
         return (

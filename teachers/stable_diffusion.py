@@ -21,6 +21,7 @@ from teachers.base import (
     ScoreDistillationTeacher,
     TeacherWeightsNotFoundError,
     missing_pipeline_error,
+    per_image,
     render_image,
 )
 from teachers.objectives import rand
@@ -128,7 +129,6 @@ class StableDiffusionTeacher(ScoreDistillationTeacher):
         self.opposite_views = opposite_views
         self.sample_posterior = sample_posterior
         self.gradient_checkpointing = gradient_checkpointing
-        self.prediction_type = "epsilon"
         self.last_views: list[Tensor] = []  # [B, k] view indices per render of the last call
 
     def load(self) -> None:
@@ -192,16 +192,13 @@ class StableDiffusionTeacher(ScoreDistillationTeacher):
         self.last_views = all_views
         views_per_object = first_views.shape[1]
         x = torch.cat(latents)  # [R * B * k, 4, h, w]
-        cond = cond.repeat_interleave(views_per_object, dim=0).repeat(len(renders), 1, 1)
-        uncond = uncond.repeat_interleave(views_per_object, dim=0).repeat(len(renders), 1, 1)
-
+        cond = per_image(cond, views_per_object, len(renders))
+        uncond = per_image(uncond, views_per_object, len(renders))
         abar = self.alphas_cumprod.to(device)
 
         def denoise(x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
             out = unet(x_t.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype)).sample.float()
-            if self.prediction_type == "v_prediction":  # eps = alpha_t v + sigma_t x_t
-                out = abar[t].sqrt().view(-1, 1, 1, 1) * out + (1 - abar[t]).sqrt().view(-1, 1, 1, 1) * x_t
-            return out
+            return self.as_epsilon(out, x_t, t, abar)
 
         output = self.objective(x, denoise, cond, uncond, self.alphas_cumprod, step, generator, group_size=1)
         self.record_stats(output)
