@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 WHITE = (1.0, 1.0, 1.0)
+# The "normal" image where there is no surface: the camera-facing normal (0, 0, 1) mapped to [0, 1].
+NORMAL_BACKGROUND = (0.5, 0.5, 1.0)
 
 
 class SolidBackground(nn.Module):

@@ -27,13 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from renderers.backgrounds import as_background
+from renderers.backgrounds import NORMAL_BACKGROUND, as_background
 from renderers.cameras import RASTER_FAR, RASTER_NEAR, mvp_matrix, pixel_ray_directions, world_to_camera
 from renderers.marching_cubes import DeformableMarchingCubes, EmptyFallback, TriangleMesh, vertex_normals
 from renderers.rasterizers import Backend, Rasterizer, get_rasterizer
 from renderers.types import Cameras, Field, RenderOutput
-
-NORMAL_BACKGROUND = (0.5, 0.5, 1.0)
 
 
 def _as_mesh(mesh) -> TriangleMesh:

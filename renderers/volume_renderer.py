@@ -35,11 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from renderers.backgrounds import as_background
+from renderers.backgrounds import NORMAL_BACKGROUND, as_background
 from renderers.cameras import pixel_rays, world_to_camera
 from renderers.types import Cameras, Field, RenderOutput
 
-NORMAL_BACKGROUND = (0.5, 0.5, 1.0)
+
+def volume_disparity(depth: Tensor, opacity: Tensor, distance: Tensor) -> Tensor:
+    """(far - (depth a + (1 - a) far)) / (far - near) clamped to [0, 1], a the opacity, near / far = camera
+    distance -/+ sqrt(3) (the reference's normalisation); `distance` broadcasts against `depth`."""
+    far, near = distance + math.sqrt(3.0), distance - math.sqrt(3.0)
+    blended = depth * opacity + (1.0 - opacity) * far
+    return ((far - blended) / (far - near)).clamp(0.0, 1.0)
 
 
 def _exclusive_cumprod(x: Tensor) -> Tensor:
@@ -255,10 +261,7 @@ class NeuSVolumeRenderer(nn.Module):
             normal_cam = normal_cam * torch.tensor([-1.0, 1.0, 1.0], dtype=dtype, device=normal_cam.device)
         normal_bg = torch.tensor(self.normal_background, dtype=dtype, device=normal_cam.device)
         normal = (normal_cam + 1.0) / 2.0 * opacity + (1.0 - opacity) * normal_bg
-        distance = cameras.distance.to(dtype)[:, :, None, None, None]
-        far, near = distance + math.sqrt(3.0), distance - math.sqrt(3.0)
-        blended = depth * opacity + (1.0 - opacity) * far
-        disparity = ((far - blended) / (far - near)).clamp(0.0, 1.0)
+        disparity = volume_disparity(depth, opacity, cameras.distance.to(dtype)[:, :, None, None, None])
         images = {"rgb": rgb, "alpha": opacity, "normal": normal, "depth": depth, "disparity": disparity}
         return {k: v.permute(0, 1, 4, 2, 3) for k, v in images.items()}, out["eikonal"]
 

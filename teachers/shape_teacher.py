@@ -55,7 +55,6 @@ background for the student's rgb (the target's background is the constant `backg
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -63,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_modules.schedules import ScheduleLike
+from renderers.backgrounds import NORMAL_BACKGROUND
 from renderers.cameras import resized
 from renderers.types import Cameras, RenderOutput
 from teachers.base import Teacher, checked_image, render_image
@@ -72,7 +72,6 @@ from teachers.shapes import ShapeField, ShapeTarget, parse_shape_prompt, target_
 IMAGE_CHANNELS = {"rgb": 3, "normal": 3, "alpha": 1, "depth": 1, "disparity": 1}
 UNCONDITIONALS = ("mixture", "gaussian")
 TARGET_RENDERERS = ("mesh", "volume", "same")
-NORMAL_BACKGROUND = (0.5, 0.5, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- exact denoisers
@@ -131,6 +130,7 @@ def volume_depth_conventions(depth: Tensor, alpha: Tensor, cameras: Cameras) -> 
     distance -/+ sqrt(3). `depth`: the mesh render's axial depth (0 on the background); `alpha`: its coverage.
     """
     from renderers.cameras import pixel_ray_directions
+    from renderers.volume_renderer import volume_disparity
 
     height, width = depth.shape[-2:]
     directions = pixel_ray_directions(cameras, height, width).to(depth)  # [B, V, H, W, 3] world, unit
@@ -138,9 +138,7 @@ def volume_depth_conventions(depth: Tensor, alpha: Tensor, cameras: Cameras) -> 
     cosine = (directions * forward[:, :, None, None, :]).sum(-1)[:, :, None]  # [B, V, 1, H, W]
     ray_depth = depth / cosine
     distance = cameras.distance.to(depth)[:, :, None, None, None]
-    far, near = distance + math.sqrt(3.0), distance - math.sqrt(3.0)
-    blended = ray_depth * alpha + (1.0 - alpha) * far
-    return {"depth": ray_depth, "disparity": ((far - blended) / (far - near)).clamp(0.0, 1.0)}
+    return {"depth": ray_depth, "disparity": volume_disparity(ray_depth, alpha, distance)}
 
 
 # ---------------------------------------------------------------------------------------------- teacher
