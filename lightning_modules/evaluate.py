@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.cli import UserError
+from lightning_modules.generate import resolve_device
 
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 PROGRESS_JSONL = "progress.jsonl"
@@ -533,12 +534,6 @@ def generate_missing_meshes(
 # ----------------------------------------------------------------------------------------------
 # Scoring
 # ----------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def embed_renders(

@@ -69,6 +69,16 @@ def slugify(prompt: str, max_len: int = 60) -> str:
     return slug[:max_len].rstrip("_") or "prompt"
 
 
+def resolve_device(name: str) -> torch.device:
+    """`--device`: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:1", ..."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available: use --device cpu")
+    return device
+
+
 def validate_prompts(prompts: list[str], source: str = "prompt") -> list[str]:
     if not prompts:
         raise UserError("no prompt given: pass prompts as arguments or --prompts-file FILE (one per line)")
@@ -224,10 +234,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.uv_texture and args.file_format == "ply":
         raise UserError("--uv-texture needs --format glb or obj: PLY stores vertex colours only")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asked for CUDA, but no CUDA device is available: use --device cpu")
+    device = resolve_device(args.device)
 
     from lightning_modules.student import TriplaneStudent
 

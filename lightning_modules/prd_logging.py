@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -11,10 +9,6 @@ from torch import Tensor
 from renderers.export import world_to_viewer
 from renderers.marching_cubes import TriangleMesh
 from renderers.types import Field
-
-
-def slug(text: str, max_len: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:max_len].rstrip("_") or "prompt"
 
 
 def render_grid(images: dict[str, Tensor], rows: tuple[str, ...] = ("rgb", "normal")) -> Tensor:

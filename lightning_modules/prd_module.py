@@ -55,7 +55,8 @@ from torch import Tensor, nn
 from lightning_modules.checkpoint_io import use_atomic_checkpoints
 from lightning_modules.cli import UserError
 from lightning_modules.clip_score import CLIPScore3D
-from lightning_modules.prd_logging import mesh_colors, render_grid, slug, tensorboard_mesh
+from lightning_modules.generate import slugify
+from lightning_modules.prd_logging import mesh_colors, render_grid, tensorboard_mesh
 from lightning_modules.prd_settings import (
     BackwardClock,
     CameraSampling,
@@ -711,7 +712,7 @@ class PRDModule(pl.LightningModule):
         for b, (prompt, index) in enumerate(zip(prompts, indices, strict=True)):
             if self._val_images_logged >= settings.log_images:
                 break
-            tag = f"{index:04d}_{slug(prompt)}"
+            tag = f"{index:04d}_{slugify(prompt, 40)}"
             for name, render in views.items():
                 grid = render_grid({key: image[b] for key, image in render.images.items()})
                 writer.add_image(f"{stage}_render_{name}/{tag}", grid, step)
@@ -726,7 +727,7 @@ class PRDModule(pl.LightningModule):
             for b in range(wanted):
                 if meshes[b].num_faces == 0:
                     continue
-                tag = f"{indices[b]:04d}_{slug(prompts[b])}"
+                tag = f"{indices[b]:04d}_{slugify(prompts[b], 40)}"
                 writer.add_mesh(f"{stage}_meshes/{tag}", global_step=step, **tensorboard_mesh(meshes[b], colors[b]))
                 self._val_meshes_logged += 1
 
