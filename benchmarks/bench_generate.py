@@ -32,29 +32,27 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "fixtures" / "reference" / "triplaneturbo_ref_A" / "base" / "tokenizer"
 
 
-def build_full_size_student(device: torch.device, dtype: torch.dtype):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def random_full_size_student():
+    """The full-size student (SD 2.1-base architecture, rank-16 adapters) with random weights on the CPU,
+    float32, seed 0. Its zero-initialised up-projections get small random values, so that the adapters
+    cost what trained ones cost and gradients reach every adapter (also used by bench_prd.py)."""
+    from transformers import CLIPTokenizer
 
-    from lightning_modules.sd_configs import (
-        SD21_BASE_TEXT_ENCODER_CONFIG,
-        SD21_BASE_UNET_CONFIG,
-        SD21_BASE_VAE_CONFIG,
-    )
+    from lightning_modules.sd_configs import build_sd21_base
     from lightning_modules.student import TriplaneStudent
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD21_BASE_UNET_CONFIG)
-    vae = AutoencoderKL(**SD21_BASE_VAE_CONFIG)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SD21_BASE_TEXT_ENCODER_CONFIG))
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
-    student = TriplaneStudent(unet, vae, text_encoder, tokenizer)
-    # Give the zero-initialised up-projections values, so the adapters cost what trained ones cost.
+    unet, vae, text_encoder = build_sd21_base()
+    student = TriplaneStudent(unet, vae, text_encoder, CLIPTokenizer.from_pretrained(TOKENIZER))
     with torch.no_grad():
         for p in student.trainable_parameters():
             if p.abs().max() == 0:
                 p.normal_(0, 1e-3)
-    student = student.to(device=device, dtype=dtype).eval()
+    return student
+
+
+def build_full_size_student(device: torch.device, dtype: torch.dtype):
+    student = random_full_size_student().to(device=device, dtype=dtype).eval()
     student.merge_adapters()  # as `prd generate` does
     return student
 

@@ -36,7 +36,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TOKENIZER = ROOT / "tests" / "fixtures" / "reference" / "triplaneturbo_ref_A" / "base" / "tokenizer"
 SHAPE_PROMPTS = ["a red ball", "a blue cube", "a yellow donut", "a green cone"]
 PARTS = ("student", "render", "teacher", "backward/teacher", "backward/render", "backward/student", "optimizer")
 
@@ -70,29 +69,6 @@ def demo_module(base: str | None, workdir: Path):
     return cli.model, cli.datamodule
 
 
-def full_size_student():
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from lightning_modules.sd_configs import (
-        SD21_BASE_TEXT_ENCODER_CONFIG,
-        SD21_BASE_UNET_CONFIG,
-        SD21_BASE_VAE_CONFIG,
-    )
-    from lightning_modules.student import TriplaneStudent
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD21_BASE_UNET_CONFIG)
-    vae = AutoencoderKL(**SD21_BASE_VAE_CONFIG)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SD21_BASE_TEXT_ENCODER_CONFIG))
-    student = TriplaneStudent(unet, vae, text_encoder, CLIPTokenizer.from_pretrained(TOKENIZER))
-    with torch.no_grad():  # non-zero up-projections, so that gradients reach every adapter as after training
-        for p in student.trainable_parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 1e-3)
-    return student.train()
-
-
 def full_size_module(reference_renders: bool, gradient_checkpointing: bool):
     from lightning_modules.prd_module import PRDModule
     from renderers import MeshRenderer, NeuSVolumeRenderer, TextConditionedBackground
@@ -114,7 +90,9 @@ def full_size_module(reference_renders: bool, gradient_checkpointing: bool):
         renderer_schedules={"volume.rgb_grad_shrink": [0, 1.0, 0.01, 20000]},
         gradient_checkpointing=gradient_checkpointing,
     )
-    student = full_size_student()
+    from benchmarks.bench_generate import random_full_size_student
+
+    student = random_full_size_student().train()
     if gradient_checkpointing:
         student.enable_gradient_checkpointing()
     module.student = student  # configure_model keeps an existing student

@@ -76,19 +76,12 @@ def _timed(fn, device: str, repeats: int) -> tuple[float, object]:
 
 
 def full_size_timings(device: str, batch: int, dtype: torch.dtype, repeats: int) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    from lightning_modules.sd_configs import (
-        SD21_BASE_TEXT_ENCODER_CONFIG,
-        SD21_BASE_UNET_CONFIG,
-        SD21_BASE_VAE_CONFIG,
-    )
+    from lightning_modules.sd_configs import build_sd21_base
 
     with torch.device(device):
-        unet = UNet2DConditionModel(**SD21_BASE_UNET_CONFIG)
-        vae = AutoencoderKL(**SD21_BASE_VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD21_BASE_TEXT_ENCODER_CONFIG))
+        unet, vae, text_encoder = build_sd21_base()
     tokenizer = CLIPTokenizer.from_pretrained(FIXTURE / "base" / "tokenizer")  # ids fit the full vocabulary
     student = TriplaneStudent(unet, vae, text_encoder, tokenizer).eval().to(device=device, dtype=dtype)
     prompts = ["a DSLR photo of a corgi wearing a red party hat"] * batch

@@ -1,5 +1,9 @@
 """Model configs of Stable Diffusion 2.1-base (public facts), for building the full-size architecture
-without downloading weights (meta device for parameter counts, CPU random weights for benchmarks)."""
+without downloading weights (meta device for parameter counts, CPU random weights for benchmarks):
+
+    with torch.device("meta"):
+        unet, vae, text_encoder = build_sd21_base()
+"""
 
 from __future__ import annotations
 
@@ -50,3 +54,15 @@ SD21_BASE_TEXT_ENCODER_CONFIG = dict(
     projection_dim=512,
     vocab_size=49408,
 )
+
+
+def build_sd21_base(text_encoder: bool = True):
+    """SD 2.1-base's UNet, VAE and CLIP text encoder (None with `text_encoder=False`) with random weights,
+    on the current default device (e.g. inside `with torch.device("meta"):`)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(**SD21_BASE_UNET_CONFIG)
+    vae = AutoencoderKL(**SD21_BASE_VAE_CONFIG)
+    encoder = CLIPTextModel(CLIPTextConfig(**SD21_BASE_TEXT_ENCODER_CONFIG)) if text_encoder else None
+    return unet, vae, encoder

@@ -48,13 +48,10 @@ def _read_official_keys(path):
 @pytest.fixture(scope="module")
 def full_size_student():
     """The full-size SD 2.1-base architecture with adapters, on the meta device (no weights, no download)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from lightning_modules.sd_configs import SD21_BASE_UNET_CONFIG, SD21_BASE_VAE_CONFIG
+    from lightning_modules.sd_configs import build_sd21_base
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD21_BASE_UNET_CONFIG)
-        vae = AutoencoderKL(**SD21_BASE_VAE_CONFIG)
+        unet, vae, _ = build_sd21_base(text_encoder=False)
         base_counts = (
             sum(p.numel() for p in unet.parameters()),
             sum(p.numel() for p in vae.decoder.parameters()),
