@@ -86,7 +86,7 @@ def _missing_weights_message(model_name: str, tag: str, pretrained_cfg: dict, ca
     where = []
     if pretrained_cfg.get("hf_hub"):
         repo_id, names = _hf_candidates(pretrained_cfg["hf_hub"])
-        where.append(f"Hugging Face repo {repo_id} file {names[0]} (`huggingface-cli download {repo_id} {names[0]}`)")
+        where.append(f"Hugging Face repo {repo_id} file {names[0]} (`hf download {repo_id} {names[0]}`)")
     if pretrained_cfg.get("url"):
         where.append(f"{pretrained_cfg['url']} (into {cache_dir or '~/.cache/clip'})")
     return (
@@ -146,7 +146,7 @@ def load_open_clip(
         if not (isinstance(config, str) and have_weights) and not allow_download:
             raise CLIPWeightsNotFoundError(
                 f"open_clip model {model_name} is not in the Hugging Face cache: fetch it with "
-                f"`huggingface-cli download {identifier} open_clip_config.json {_HF_WEIGHT_FILES[0]}` "
+                f"`hf download {identifier} open_clip_config.json {_HF_WEIGHT_FILES[0]}` "
                 "(or rerun with --clip-download), or use local-dir:/path/to/folder"
             )
         create_kwargs["model_name"] = model_name

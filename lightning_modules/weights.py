@@ -274,7 +274,7 @@ def resolve_base(base: str | os.PathLike) -> Path:
         if not _looks_like_hub_id(text):
             raise StudentFileNotFoundError(
                 f"base model directory {text!r} does not exist; pass a diffusers Stable Diffusion directory "
-                f"or a hub id such as {BASE_HUB_ID} (to fetch it: `huggingface-cli download {BASE_HUB_ID} "
+                f"or a hub id such as {BASE_HUB_ID} (to fetch it: `hf download {BASE_HUB_ID} "
                 f"--local-dir DIR`)"
             )
         from huggingface_hub import snapshot_download
@@ -284,7 +284,7 @@ def resolve_base(base: str | os.PathLike) -> Path:
         except Exception as err:
             raise StudentFileNotFoundError(
                 f"base model {text!r} is neither a local directory nor downloadable from the Hugging Face hub "
-                f"({type(err).__name__}: {_one_line(err)}); fetch it with `huggingface-cli download {text} "
+                f"({type(err).__name__}: {_one_line(err)}); fetch it with `hf download {text} "
                 f"--local-dir DIR` and pass DIR"
             ) from None
     if not path.is_dir():
@@ -313,7 +313,7 @@ def resolve_weights(weights: str | os.PathLike, filename: str = WEIGHTS_FILENAME
     path = Path(text).expanduser()
     how = (
         f"the released weights are {WEIGHTS_FILENAME} in the hub repo {WEIGHTS_HUB_ID}: "
-        f"`huggingface-cli download {WEIGHTS_HUB_ID} {WEIGHTS_FILENAME} --local-dir DIR`"
+        f"`hf download {WEIGHTS_HUB_ID} {WEIGHTS_FILENAME} --local-dir DIR`"
     )
     if path.is_file():
         config = path.parent / CONFIG_NAME

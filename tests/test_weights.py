@@ -172,7 +172,7 @@ def test_missing_weights_file_says_which_file_and_how_to_fetch(fixture_copy, tmp
         TriplaneStudent.from_pretrained(base, weights=tmp_path / "nope" / "model.pth")
     text = _one_line_error(excinfo, FileNotFoundError)
     assert "model.pth" in text and WEIGHTS_HUB_ID in text and WEIGHTS_FILENAME in text
-    assert f"huggingface-cli download {WEIGHTS_HUB_ID}" in text
+    assert f"hf download {WEIGHTS_HUB_ID}" in text
 
 
 @pytest.mark.parametrize(
@@ -268,11 +268,11 @@ def test_unreachable_hub_is_a_one_line_error(monkeypatch, fixture_copy):
     with pytest.raises(FileNotFoundError) as excinfo:
         TriplaneStudent.from_pretrained(BASE_HUB_ID)
     text = _one_line_error(excinfo, FileNotFoundError)
-    assert BASE_HUB_ID in text and f"huggingface-cli download {BASE_HUB_ID}" in text
+    assert BASE_HUB_ID in text and f"hf download {BASE_HUB_ID}" in text
     base, _ = fixture_copy
     with pytest.raises(FileNotFoundError) as excinfo:
         TriplaneStudent.from_pretrained(base, weights=WEIGHTS_HUB_ID)
     text = _one_line_error(excinfo, FileNotFoundError)
     assert (
-        WEIGHTS_FILENAME in text and f"huggingface-cli download {WEIGHTS_HUB_ID} {WEIGHTS_FILENAME}" in text
+        WEIGHTS_FILENAME in text and f"hf download {WEIGHTS_HUB_ID} {WEIGHTS_FILENAME}" in text
     )
