@@ -16,6 +16,7 @@ from torch import Tensor
 
 from renderers.types import RenderOutput
 from teachers.base import Teacher
+from tests.threads import single_thread  # noqa: F401  (fixture, imported from here by the PRD tests)
 
 TINY_STUDENT = dict(ranks=2, output_dim=8, mlp_neurons=16, mlp_hidden_layers=1, latent_size=8)
 PROMPTS = ["a red ball", "a blue cube", "a green cone", "a yellow donut"]
@@ -30,15 +31,6 @@ PRD_WARNING_FILTERS = [
     pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization"),  # intended, see prd_module
     pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),  # pytest's own argv
 ]
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """One torch thread for a test module (import it and request it, or `autouse` it by name)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ColorTeacher(Teacher):

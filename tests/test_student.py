@@ -13,18 +13,13 @@ from lightning_modules.adapters import AdapterRanks, HexaPlaneSelfAttnProcessor
 from lightning_modules.student import TriplaneStudent
 from lightning_modules.weights import StudentConfig, official_module_order
 from renderers.types import Field
+from tests.threads import single_thread  # noqa: F401  (fixture)
 from tests.tiny_sd import make_tiny_sd
 
 PROMPTS = ["a wooden chair", "a small red car"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and do not stall when the shared CPU is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

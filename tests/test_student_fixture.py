@@ -16,17 +16,12 @@ from safetensors.torch import load_file
 
 from lightning_modules.student import TriplaneStudent
 from lightning_modules.weights import official_module_order
+from tests.threads import single_thread  # noqa: F401  (fixture)
 
 FIXTURE = "triplaneturbo_ref_A"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and do not stall when the shared CPU is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def assert_matches(name: str, got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -235,26 +235,32 @@ def test_teachers_are_frozen_and_never_in_a_checkpoint(tiny_sd_dir, cache_dir, n
     module.load_state_dict(module.state_dict(), strict=True)
 
 
+class MoveRecorder(torch.nn.Module):
+    """A stand-in frozen model that records every `.to(device)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.moves = []
+
+    def to(self, *args, **kwargs):
+        self.moves.append(str(args[0]))
+        return self
+
+
+class OffloadProbe(Teacher):
+    """A teacher whose frozen model records where it is moved (`moves_during_call`: before the loss)."""
+
+    def load(self):
+        self.frozen = {"model": MoveRecorder()}
+
+    def compute_losses(self, renders, prompts, step, generator):
+        self.moves_during_call = list(self.frozen["model"].moves)
+        return [(renders[0]["rgb"] ** 2).sum()]
+
+
 def test_offload_moves_models_to_the_render_device_and_back():
-    class Recorder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.moves = []
-
-        def to(self, *args, **kwargs):
-            self.moves.append(str(args[0]))
-            return self
-
-    class Probe(Teacher):
-        def load(self):
-            self.frozen = {"model": Recorder()}
-
-        def compute_losses(self, renders, prompts, step, generator):
-            self.moves_during_call = list(self.frozen["model"].moves)
-            return [renders[0]["rgb"].sum()]
-
     for offload, expected in ((True, ["cpu", "cpu"]), (False, ["cpu"])):
-        probe = Probe(offload=offload)
+        probe = OffloadProbe(offload=offload)
         with torch.no_grad():  # nothing to wait for (see the next test for the backward case)
             probe(make_render(), PROMPTS, 0)
         assert probe.moves_during_call == ["cpu"]  # the render's device, before the call
@@ -476,24 +482,7 @@ def test_missing_weights_are_one_line_errors_with_fetch_instructions(tmp_path, c
 def test_offload_waits_for_the_backward_that_still_needs_the_weights():
     """`Module.to` swaps parameter storage, so weights used by the backward (e.g. a VAE encoder on the
     render path) may only leave the device once the gradients of the teacher's inputs are complete."""
-
-    class Recorder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.moves = []
-
-        def to(self, *args, **kwargs):
-            self.moves.append(str(args[0]))
-            return self
-
-    class Probe(Teacher):
-        def load(self):
-            self.frozen = {"model": Recorder()}
-
-        def compute_losses(self, renders, prompts, step, generator):
-            return [(renders[0]["rgb"] ** 2).sum()]
-
-    probe = Probe(offload=True)
+    probe = OffloadProbe(offload=True)
     render = make_render()
     leaf = render.images["rgb"].detach().requires_grad_(True)
     render.images["rgb"] = leaf * 1.0

@@ -20,17 +20,12 @@ from lightning_modules.weights import (
     official_key_shapes,
     official_state_dict,
 )
+from tests.threads import single_thread  # noqa: F401  (fixture)
 
 FIXTURE = "triplaneturbo_ref_A"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and do not stall when the shared CPU is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _read_official_keys(path):
