@@ -135,11 +135,15 @@ def _field_batch_size(field: Field, batch_size: int | None) -> int:
     return int(size)
 
 
-def evaluate_points(fn, points: Tensor, chunk_size: int) -> Tensor:
-    """`fn(points [B, n, 3]) -> [B, n, ...]` over `points [B, N, 3]` in chunks of `chunk_size` points."""
+def evaluate_points(fn, points: Tensor, chunk_size: int):
+    """`fn(points [B, n, 3]) -> [B, n, ...]` (or a tuple of such tensors) over `points [B, N, 3]` in chunks
+    of `chunk_size` points."""
     if points.shape[1] <= chunk_size:
         return fn(points)
-    return torch.cat([fn(points[:, i : i + chunk_size]) for i in range(0, points.shape[1], chunk_size)], dim=1)
+    chunks = [fn(points[:, i : i + chunk_size]) for i in range(0, points.shape[1], chunk_size)]
+    if isinstance(chunks[0], tuple):
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*chunks, strict=True))
+    return torch.cat(chunks, dim=1)
 
 
 def evaluate_field_on_grid(
@@ -357,11 +361,16 @@ class DeformableMarchingCubes(nn.Module):
         gather = torch.stack([F.pad(v, (0, count - len(v))) for v in real_vertices])  # [B, n]
         points = self.grid_points(device, dtype)[gather]  # [B, n, 3]
 
-        if torch.is_grad_enabled():
-            sdf_ends = evaluate_points(field.sdf, points, self.chunk_size)
+        joint = getattr(field, "sdf_and_deformation", None)
+        if torch.is_grad_enabled() and self.use_deformation and joint is not None:
+            # one geometry lookup for both (e.g. TriplaneField): this runs at every training render
+            sdf_ends, deform_ends = evaluate_points(joint, points, self.chunk_size)
         else:
-            sdf_ends = torch.gather(sdf_grid, 1, gather)
-        deform_ends = evaluate_points(field.deformation, points, self.chunk_size) if self.use_deformation else None
+            if torch.is_grad_enabled():
+                sdf_ends = evaluate_points(field.sdf, points, self.chunk_size)
+            else:
+                sdf_ends = torch.gather(sdf_grid, 1, gather)
+            deform_ends = evaluate_points(field.deformation, points, self.chunk_size) if self.use_deformation else None
         return [
             self._assemble(
                 topologies[b],

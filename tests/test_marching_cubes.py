@@ -128,6 +128,29 @@ def test_field_path_matches_full_grid_extraction_and_reaches_the_triplanes():
     assert field.texture_planes.grad is None  # geometry only
 
 
+def test_fields_with_sdf_and_deformation_are_read_once_per_point_with_the_same_result():
+    """A field offering `sdf_and_deformation` (like TriplaneField) is read by it at the edge ends, in chunks,
+    giving the same mesh and triplane gradients as separate `sdf` / `deformation` calls."""
+
+    class JointField(TinyTriplaneField):
+        def sdf_and_deformation(self, points):
+            self.joint_calls += 1
+            return self.sdf(points), self.deformation(points)
+
+    results = []
+    for joint in (False, True):
+        field = (JointField if joint else TinyTriplaneField)(resolution=8, sdf_scale=0.3)
+        field.joint_calls = 0
+        mesh = DeformableMarchingCubes(resolution=20, chunk_size=500)(field)[0]
+        mesh.vertices.pow(2).sum().backward()
+        results.append((mesh, field.geometry_planes.grad, field.joint_calls))
+    (separate, separate_grad, _), (joint, joint_grad, calls) = results
+    assert calls > 1  # chunked: more edge ends than chunk_size
+    assert torch.equal(joint.faces, separate.faces)
+    torch.testing.assert_close(joint.vertices, separate.vertices, rtol=0, atol=0)
+    torch.testing.assert_close(joint_grad, separate_grad, rtol=1e-6, atol=1e-7)
+
+
 def test_surface_touching_the_box_is_closed_outside_it():
     res = 16
     mesh = DeformableMarchingCubes(res).extract((grid_points(res).norm(dim=-1) - 1.2)[None])[0]
