@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -32,6 +33,18 @@ def make_sd_dir_for(fixture: Path, directory: Path, seed: int = 0) -> Path:
     return make_tiny_sd(
         directory, seed=seed, text_encoder=dict(hidden_size=unet_params(fixture)["context_dim"])
     )
+
+
+@pytest.fixture(scope="module", name="dirs")
+def teacher_dirs(tmp_path_factory, tiny_sd_dir) -> dict[str, str]:
+    """Fixture `dirs`: tiny SD directories for the teachers ("sd"; "mv" / "nd" with the MVDream / RichDreamer
+    fixture's text width) and a prompt-cache folder ("cache"). Import `teacher_dirs` into a test module."""
+    return {
+        "sd": str(tiny_sd_dir),
+        "mv": str(make_sd_dir_for(MV_FIXTURE, tmp_path_factory.mktemp("mv_sd"), seed=3)),
+        "nd": str(make_sd_dir_for(ND_FIXTURE, tmp_path_factory.mktemp("nd_sd"), seed=4)),
+        "cache": str(tmp_path_factory.mktemp("prompt_cache")),
+    }
 
 
 def make_cameras(batch: int, views: int, height: int, width: int, seed: int = 0) -> Cameras:

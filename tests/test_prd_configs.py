@@ -13,7 +13,7 @@ import yaml
 
 from lightning_modules.cli import main
 from tests.prd_helpers import PRD_WARNING_FILTERS, TINY_STUDENT, fit_with_cli, single_thread  # noqa: F401  (fixture)
-from tests.teacher_helpers import MV_FIXTURE, ND_FIXTURE, make_sd_dir_for, unet_params, vae_factor
+from tests.teacher_helpers import MV_FIXTURE, ND_FIXTURE, teacher_dirs, unet_params, vae_factor  # noqa: F401  (fixture)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ["a red ball", "a blue cube", "a yellow donut", "a green cone"]
@@ -82,16 +82,6 @@ def test_reference_config_holds_the_reference_hyper_parameters():
 
 
 # ------------------------------------------------------------------------------------ tiny variants
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory, tiny_sd_dir):
-    return {
-        "sd": str(tiny_sd_dir),
-        "mv": str(make_sd_dir_for(MV_FIXTURE, tmp_path_factory.mktemp("mv_sd"), seed=3)),
-        "nd": str(make_sd_dir_for(ND_FIXTURE, tmp_path_factory.mktemp("nd_sd"), seed=4)),
-        "cache": str(tmp_path_factory.mktemp("prompt_cache")),
-    }
 
 
 def tiny_reference_config(dirs: dict, root: Path) -> dict:

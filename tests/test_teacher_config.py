@@ -12,26 +12,16 @@ from teachers.ensemble import TeacherEnsemble, total_loss
 from teachers.mvdream import MVDreamTeacher
 from teachers.richdreamer import RichDreamerNormalDepthTeacher
 from teachers.stable_diffusion import StableDiffusionTeacher
-from tests.teacher_helpers import (
+from tests.teacher_helpers import (  # noqa: F401  (teacher_dirs: the `dirs` fixture)
     MV_FIXTURE,
     ND_FIXTURE,
     make_cameras,
-    make_sd_dir_for,
+    teacher_dirs,
     unet_params,
     vae_factor,
 )
 
 PROMPTS = ["a red chair", "a glass owl"]
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory, tiny_sd_dir):
-    return {
-        "sd": str(tiny_sd_dir),
-        "mv": str(make_sd_dir_for(MV_FIXTURE, tmp_path_factory.mktemp("mv_sd"), seed=3)),
-        "nd": str(make_sd_dir_for(ND_FIXTURE, tmp_path_factory.mktemp("nd_sd"), seed=4)),
-        "cache": str(tmp_path_factory.mktemp("cache")),
-    }
 
 
 def sd_yaml(dirs, name="sd", weight="1.0"):
