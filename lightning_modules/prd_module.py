@@ -50,6 +50,7 @@ from typing import Any, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_modules.checkpoint_io import use_atomic_checkpoints
@@ -123,6 +124,10 @@ class PRDModule(pl.LightningModule):
         accumulate_grad_batches: batches per optimizer step (each batch's loss is divided by it).
         gradient_clip_val: clip the global gradient norm to this value (None: no clipping).
         max_consecutive_skips: raise after this many skipped (non-finite) optimizer steps in a row.
+        prepare_prompt_cache: at the start of fit, rank 0 encodes the train and val prompts of libraries of
+            up to this many prompts into the teachers' caches while the other ranks wait at a barrier;
+            prompts of larger libraries are encoded when first needed by the rank that needs them
+            (atomic per-prompt files). 0 switches the preparation off.
         validation: what validation generates and logs (`ValidationSettings`).
         clip_score: an optional `CLIPScore3D` logged at the end of each validation run.
     """
@@ -146,6 +151,7 @@ class PRDModule(pl.LightningModule):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         max_consecutive_skips: int = 100,
+        prepare_prompt_cache: int = 100_000,
         validation: ValidationSettings | None = None,
         clip_score: CLIPScore3D | None = None,
     ) -> None:
@@ -172,6 +178,7 @@ class PRDModule(pl.LightningModule):
         self.accumulate_grad_batches = int(accumulate_grad_batches)
         self.gradient_clip_val = gradient_clip_val
         self.max_consecutive_skips = int(max_consecutive_skips)
+        self.prepare_prompt_cache = int(prepare_prompt_cache)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
 
@@ -519,12 +526,34 @@ class PRDModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         # A job killed while writing a checkpoint must leave the previous one intact (see checkpoint_io).
         use_atomic_checkpoints(self.trainer)
+        self._prepare_teacher_prompts()
         precision = str(getattr(self.trainer, "precision", "32"))
         if precision.startswith("16"):
             raise UserError(
                 f"trainer.precision {precision!r} is not supported by PRD training (its loss scaling fights the "
                 "non-finite step skipping): use 32-true (reference) or bf16-mixed"
             )
+
+    def _prepare_teacher_prompts(self) -> None:
+        """Fill the teachers' prompt caches from the data's train / val prompts (rank 0, behind a barrier)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        prepare = getattr(self.teachers, "prepare_prompts", None)
+        if self.prepare_prompt_cache <= 0 or prepare is None or not hasattr(datamodule, "prompt_source"):
+            return
+        prompts: dict[str, None] = {}
+        for split in ("train", "val"):
+            source = datamodule.prompt_source(split)
+            if source is None:
+                continue
+            if len(source) > self.prepare_prompt_cache:
+                rank_zero_info(
+                    f"{split} prompts: {len(source)} > prepare_prompt_cache={self.prepare_prompt_cache}; "
+                    "their text embeddings are encoded when first needed"
+                )
+                continue
+            prompts.update(dict.fromkeys(source.get(i) for i in range(len(source))))
+        if prompts:
+            prepare(list(prompts))
 
     def on_train_start(self) -> None:
         if self._pending_grads:
