@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,11 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Stand-in until the CPU training demo lands: prompt -> mesh with the tiny reference model.
-DEMO_WEIGHTS := tests/fixtures/reference/triplaneturbo_ref_A/triplane_turbo.pth
+# PRD on the CPU (~4 min on 2 cores): trains configs/demo_cpu.yaml, exports a mesh and a turntable per
+# prompt to outputs/demo and prints each mesh's Chamfer distance to its target, untrained vs trained.
 demo: $(STAMP)
-	$(BIN)/prd generate "a DSLR photo of a corgi wearing a red party hat" "a wooden chair" \
-		--weights $(DEMO_WEIGHTS) --out outputs/demo --resolution 64 --format glb
+	$(BIN)/python -m lightning_modules.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
@@ -25,4 +24,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .demo .pytest_cache

@@ -1,0 +1,211 @@
+"""The CPU demo behind `make demo`: PRD trains a tiny student on procedural shapes, then meshes are exported
+and measured against their targets.
+
+    python -m lightning_modules.demo [--config configs/demo_cpu.yaml] [--out outputs/demo]
+                                     [--mesh-resolution 48] [--min-reduction 0.5] [--seed 0]
+                                     [LightningCLI overrides, e.g. --trainer.max_steps=20]
+
+1. builds the tiny base model named in the config's `model.init_args.base` (`build_demo_base`, reused
+   when it is already there);
+2. trains the config with Lightning exactly as `prd fit --config ...` does (same CLI, same Trainer),
+   saving the untrained student at the start of fit and the trained one at the end;
+3. for every training prompt, generates a mesh with each student (same seeds), exports it as GLB
+   (`prd generate`'s code) with a turntable image of the trained one, and measures the Chamfer distance
+   of the exported mesh to the prompt's target shape (`teachers.shapes`);
+4. prints the table and writes `report.json`; exits 1 when a prompt's Chamfer distance fell by less than
+   `--min-reduction` (50 %), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+DEFAULT_CONFIG = "configs/demo_cpu.yaml"
+
+
+class SaveUntrainedStudent(pl.Callback):
+    """Saves the student as fit starts (before the first optimizer step), with `PRDModule.save_student`."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0 and trainer.is_global_zero:
+            pl_module.save_student(self.directory)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_modules.demo",
+        description="Train configs/demo_cpu.yaml on the CPU and measure each prompt's mesh against its target shape.",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="PRD config with ShapeTeacher prompts (default: %(default)s)")
+    parser.add_argument("--out", default="outputs/demo", help="meshes, turntables, students and report.json (default: %(default)s)")
+    parser.add_argument("--mesh-resolution", type=int, default=48, help="marching-cubes grid of the exported meshes (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed of prompt i is seed + i, before and after training (default: %(default)s)")
+    parser.add_argument("--min-reduction", type=float, default=0.5, help="required Chamfer reduction per prompt (default: %(default)s)")
+    parser.add_argument("--num-points", type=int, default=5000, help="surface points per mesh for the Chamfer distance (default: %(default)s)")
+    parser.add_argument("--base-pretrain-steps", type=int, default=300, help="UNet pretraining steps of a newly built base model (default: %(default)s)")
+    parser.add_argument("--turntable-frames", type=int, default=8, help="views in each turntable image (default: %(default)s)")
+    return parser
+
+
+def mesh_chamfer(path: Path, target, num_points: int) -> float:
+    """Chamfer distance (`teachers.shapes.chamfer_distance`) of an exported mesh file to `target`."""
+    import trimesh
+
+    from renderers.export import viewer_to_world
+    from teachers.shapes import chamfer_distance, sample_mesh_surface, sample_surface_points
+
+    mesh = trimesh.load(path, force="mesh", process=False)
+    vertices = torch.as_tensor(viewer_to_world(np.asarray(mesh.vertices)), dtype=torch.float32)
+    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
+    points = sample_mesh_surface(vertices, faces, num_points, seed=1)
+    return float(chamfer_distance(points, sample_surface_points(target, num_points, seed=0)))
+
+
+def save_turntable_image(path: Path, out_path: Path, frames: int, size: int = 128) -> Path:
+    """One row of `frames` views around an exported mesh (vertex colours), as PNG."""
+    import trimesh
+    from PIL import Image
+
+    from renderers.export import viewer_to_world
+    from renderers.mesh_renderer import MeshRenderer
+    from renderers.turntable import frames_to_uint8, image_grid, render_turntable
+
+    mesh = trimesh.load(path, force="mesh", process=False)
+    vertices = torch.as_tensor(viewer_to_world(np.asarray(mesh.vertices)), dtype=torch.float32)
+    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
+    colors = torch.as_tensor(np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0, dtype=torch.float32)
+    renderer = MeshRenderer(backend="torch")
+    views = render_turntable(renderer, (vertices, faces), colors, num_frames=frames, height=size, width=size)
+    grid = image_grid(views, columns=frames)
+    Image.fromarray(frames_to_uint8(grid[None])[0]).save(out_path)
+    return out_path
+
+
+def generate_and_measure(
+    weights: Path, base: str, prompts: list[str], targets: list, out_dir: Path, args, turntables: bool
+) -> list[dict]:
+    from lightning_modules.generate import generate_meshes
+    from lightning_modules.student import TriplaneStudent
+
+    student = TriplaneStudent.from_pretrained(base, weights=weights)
+    records = generate_meshes(student, prompts, out_dir, seed=args.seed, resolution=args.mesh_resolution, progress=False)
+    for record, target in zip(records, targets, strict=True):
+        path = out_dir / record["file"]
+        record["chamfer"] = mesh_chamfer(path, target, args.num_points)
+        if turntables:
+            image = save_turntable_image(path, path.with_name(path.stem + "_turntable.png"), args.turntable_frames)
+            record["turntable"] = image.name
+    return records
+
+
+def nearest_targets(paths: list[Path], targets: list, num_points: int) -> list[int]:
+    """Index of the demo target each mesh is closest to (Chamfer), i.e. whether the shapes are told apart."""
+    return [int(np.argmin([mesh_chamfer(p, t, num_points) for t in targets])) for p in paths]
+
+
+def format_table(prompts, targets, before, after, nearest) -> str:
+    rows = [f"{'prompt':<28} {'target':<16} {'CD before':>10} {'CD after':>10} {'change':>8}  nearest target"]
+    for i, prompt in enumerate(prompts):
+        change = after[i] / before[i] - 1
+        rows.append(
+            f"{prompt[:28]:<28} {targets[i].name[:16]:<16} {before[i]:10.4f} {after[i]:10.4f} {change:+8.1%}  "
+            f"{targets[nearest[i]].name}{'' if nearest[i] == i else '  (not its own)'}"
+        )
+    return "\n".join(rows)
+
+
+def run(argv: list[str]) -> int:
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_modules.cli import UserError, _quiet_model_loading
+    from lightning_modules.tiny_models import build_demo_base
+    from teachers.shapes import ShapePromptError, parse_shape_prompt
+
+    args, overrides = build_parser().parse_known_args(argv)
+    if not Path(args.config).is_file():
+        raise UserError(f"config {args.config} not found: run from the repository root or pass --config PATH")
+    _quiet_model_loading()
+    out = Path(args.out)
+    start = time.perf_counter()
+    cli = LightningCLI(
+        args=["--config", args.config, *overrides],
+        run=False,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+    )
+    model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    prompts = list(dict.fromkeys(datamodule.prompts("train")))
+    try:
+        targets = [parse_shape_prompt(p) for p in prompts]
+    except ShapePromptError as err:
+        raise UserError(f"the demo measures shape prompts only: {err}") from None
+    base = str(model.base)
+    latent_size = int(model.student_config.latent_height)
+    with torch.random.fork_rng():  # building the base must not change the student's seeded initialisation
+        build_demo_base(base, prompts, latent_size=latent_size, steps=args.base_pretrain_steps)
+    built = time.perf_counter()
+
+    trainer.callbacks.append(SaveUntrainedStudent(out / "student_untrained"))
+    trainer.fit(model, datamodule=datamodule)
+    model.save_student(out / "student")
+    trained = time.perf_counter()
+
+    before = generate_and_measure(out / "student_untrained", base, prompts, targets, out / "untrained", args, turntables=False)
+    after = generate_and_measure(out / "student", base, prompts, targets, out, args, turntables=True)
+    nearest = nearest_targets([out / r["file"] for r in after], targets, args.num_points)
+    done = time.perf_counter()
+
+    cd_before = [r["chamfer"] for r in before]
+    cd_after = [r["chamfer"] for r in after]
+    print()
+    print(f"PRD demo: {trainer.global_step} training steps on {len(prompts)} prompts; Chamfer distance of each "
+          f"exported mesh ({args.mesh_resolution}^3 grid) to its target shape, untrained vs trained student, same seeds")
+    print(format_table(prompts, targets, cd_before, cd_after, nearest))
+    print(f"time: base model {built - start:.0f} s, training {trained - built:.0f} s, meshes and measures "
+          f"{done - trained:.0f} s, total {done - start:.0f} s")
+    print(f"meshes and turntables: {out}/")
+    failed = [p for p, b, a in zip(prompts, cd_before, cd_after, strict=True) if a > (1 - args.min_reduction) * b]
+    report = dict(
+        config=args.config,
+        steps=trainer.global_step,
+        min_reduction=args.min_reduction,
+        prompts=[
+            dict(prompt=p, target=t.name, chamfer_before=b, chamfer_after=a, reduction=1 - a / b,
+                 nearest_target=targets[n].name, file=r["file"], turntable=r.get("turntable"))
+            for p, t, b, a, n, r in zip(prompts, targets, cd_before, cd_after, nearest, after, strict=True)
+        ],
+        seconds=dict(base=built - start, training=trained - built, meshes=done - trained, total=done - start),
+        passed=not failed,
+    )
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if failed:
+        print(f"FAILED: the Chamfer distance fell by less than {args.min_reduction:.0%} for: {', '.join(failed)}")
+        return 1
+    print(f"OK: every prompt's Chamfer distance fell by at least {args.min_reduction:.0%}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lightning_modules.cli import UserError
+
+    try:
+        return run(list(sys.argv[1:] if argv is None else argv))
+    except UserError as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

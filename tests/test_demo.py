@@ -1,0 +1,114 @@
+"""The CPU demo (`make demo` = `python -m lightning_modules.demo`): its base model and a shrunk end-to-end run.
+
+The full demo (300 steps, every prompt's Chamfer distance down by >= 50 %) takes ~4 minutes and is run by
+`make demo`, not here; these tests check the pipeline, its report and its exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from lightning_modules.demo import main
+from lightning_modules.tiny_models import DEMO_BASE_MARKER, build_demo_base, toy_latent_images
+from tests.prd_helpers import PRD_WARNING_FILTERS, single_thread  # noqa: F401  (fixture)
+from tests.test_prd_configs import demo_config_for_test
+
+pytestmark = [*PRD_WARNING_FILTERS, pytest.mark.usefixtures("single_thread")]
+
+PROMPTS = ["a red ball", "a blue cube"]
+
+
+def _x0_error(directory, prompts, latent_size, timestep) -> float:
+    """RMS error of the UNet's one-step x0 prediction at `timestep` against each prompt's toy latent image."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    text = CLIPTextModel.from_pretrained(directory / "text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(directory / "unet")
+    abar = DDPMScheduler.from_pretrained(directory / "scheduler").alphas_cumprod[timestep]
+    data = toy_latent_images(len(prompts), latent_size)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        emb = text(ids)[0].repeat(8, 1, 1)
+        x0 = data.repeat(8, 1, 1, 1)
+        noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * torch.randn(x0.shape, generator=g)
+        eps = unet(noisy, timestep, encoder_hidden_states=emb).sample
+        pred = (noisy - (1 - abar).sqrt() * eps) / abar.sqrt()
+    return float((pred - x0).square().mean().sqrt())
+
+
+def test_demo_base_pretraining_makes_the_unet_a_denoiser_and_is_reused(tmp_path):
+    untrained = build_demo_base(tmp_path / "untrained", PROMPTS, latent_size=8, steps=0, log=None)
+    trained = build_demo_base(tmp_path / "trained", PROMPTS, latent_size=8, steps=60, batch_size=8, log=None)
+    errors = {t: (_x0_error(untrained, PROMPTS, 8, t), _x0_error(trained, PROMPTS, 8, t)) for t in (999, 499)}
+    assert errors[999][0] > 8  # an untrained UNet's x0 at t = 999 is its input noise amplified ~15x
+    for t, (before, after) in errors.items():
+        assert after < 0.6 * before, (t, before, after)
+
+    unet_file = next((trained / "unet").glob("*.safetensors"))
+    stamp = unet_file.stat().st_mtime_ns
+    build_demo_base(trained, PROMPTS, latent_size=8, steps=60, batch_size=8, log=None)  # same settings: reused
+    assert unet_file.stat().st_mtime_ns == stamp
+    build_demo_base(trained, PROMPTS, latent_size=8, steps=1, batch_size=8, log=None)  # other settings: rebuilt
+    assert json.loads((trained / DEMO_BASE_MARKER).read_text())["steps"] == 1
+    assert unet_file.stat().st_mtime_ns != stamp
+
+
+@pytest.fixture
+def demo_config(tmp_path):
+    config = demo_config_for_test(str(tmp_path / "base"), tmp_path / "run")
+    config["trainer"].update(max_steps=2, val_check_interval=2)
+    config["data"]["init_args"].update(train_prompts=PROMPTS, val_prompts=PROMPTS[:1])
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+DEMO_ARGS = ["--mesh-resolution", "20", "--num-points", "400", "--turntable-frames", "2", "--base-pretrain-steps", "5"]
+
+
+def test_demo_trains_exports_measures_and_reports(demo_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--config", str(demo_config), "--out", str(out), *DEMO_ARGS, "--min-reduction", "-100"]) == 0
+    printed = capsys.readouterr().out
+    assert "OK: every prompt's Chamfer distance fell" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 2 and report["passed"] is True
+    assert [p["prompt"] for p in report["prompts"]] == PROMPTS
+    for entry in report["prompts"]:
+        assert 0 < entry["chamfer_before"] < 2 and 0 < entry["chamfer_after"] < 2
+        assert entry["reduction"] == pytest.approx(1 - entry["chamfer_after"] / entry["chamfer_before"])
+        assert entry["prompt"] in printed and f"{entry['chamfer_after']:.4f}" in printed
+        assert (out / entry["file"]).stat().st_size > 0 and entry["file"].endswith(".glb")
+        assert (out / entry["turntable"]).stat().st_size > 0
+        assert (out / "untrained" / entry["file"]).stat().st_size > 0
+    # the untrained student is saved before the first optimizer step: its weights differ from the trained ones
+    from safetensors.torch import load_file
+
+    before = load_file(out / "student_untrained" / "model.safetensors")
+    after = load_file(out / "student" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    # an unreachable requirement fails with exit code 1 and names the prompts
+    assert main(["--config", str(demo_config), "--out", str(out), *DEMO_ARGS, "--min-reduction", "1.0"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED: the Chamfer distance fell by less than 100% for: a red ball, a blue cube" in printed
+    assert json.loads((out / "report.json").read_text())["passed"] is False
+
+
+def test_demo_rejects_bad_input_with_one_line(demo_config, tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip().startswith("demo: error: config")
+    config = yaml.safe_load(demo_config.read_text())
+    config["data"]["init_args"]["train_prompts"] = ["a corgi wearing a party hat"]
+    demo_config.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(demo_config), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("demo: error: the demo measures shape prompts only:") and "\n" not in err
