@@ -3,6 +3,7 @@
     prd fit | validate | test | predict ...   LightningCLI (configs with class_path, see configs/)
     prd generate "a prompt" ... --out DIR      prompt -> mesh with a trained student
     prd eval ...                               CLIP score / retrieval of generated or given meshes
+    prd demo [--config ...]                    the CPU demo of `make demo` (train, export, Chamfer before / after)
 
 User errors (missing weights, bad input) end with a one-line message and exit code 2.
 """
@@ -16,6 +17,7 @@ import sys
 EXTRA_COMMANDS = {
     "generate": "lightning_modules.generate:main",
     "eval": "lightning_modules.evaluate:main",
+    "demo": "lightning_modules.demo:main",
 }
 LIGHTNING_STAGES = ("fit", "validate", "test", "predict")
 

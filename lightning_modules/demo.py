@@ -45,6 +45,7 @@ class SaveUntrainedStudent(pl.Callback):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_modules.demo",
+        allow_abbrev=False,  # unknown options go to LightningCLI untouched
         description="Train configs/demo_cpu.yaml on the CPU and measure each prompt's mesh against its target shape.",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="PRD config with ShapeTeacher prompts (default: %(default)s)")
@@ -58,60 +59,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def mesh_chamfer(path: Path, target, num_points: int) -> float:
-    """Chamfer distance (`teachers.shapes.chamfer_distance`) of an exported mesh file to `target`."""
-    import trimesh
-
-    from renderers.export import viewer_to_world
-    from teachers.shapes import chamfer_distance, sample_mesh_surface, sample_surface_points
-
-    mesh = trimesh.load(path, force="mesh", process=False)
-    vertices = torch.as_tensor(viewer_to_world(np.asarray(mesh.vertices)), dtype=torch.float32)
-    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
-    points = sample_mesh_surface(vertices, faces, num_points, seed=1)
-    return float(chamfer_distance(points, sample_surface_points(target, num_points, seed=0)))
-
-
-def save_turntable_image(path: Path, out_path: Path, frames: int, size: int = 128) -> Path:
-    """One row of `frames` views around an exported mesh (vertex colours), as PNG."""
-    import trimesh
+def save_turntable_image(mesh, out_path: Path, frames: int, size: int = 128) -> Path:
+    """One row of `frames` views around a mesh (`evaluate.MeshData`, world frame, vertex colours), as PNG."""
     from PIL import Image
 
-    from renderers.export import viewer_to_world
     from renderers.mesh_renderer import MeshRenderer
     from renderers.turntable import frames_to_uint8, image_grid, render_turntable
 
-    mesh = trimesh.load(path, force="mesh", process=False)
-    vertices = torch.as_tensor(viewer_to_world(np.asarray(mesh.vertices)), dtype=torch.float32)
-    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
-    colors = torch.as_tensor(np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0, dtype=torch.float32)
-    renderer = MeshRenderer(backend="torch")
-    views = render_turntable(renderer, (vertices, faces), colors, num_frames=frames, height=size, width=size)
-    grid = image_grid(views, columns=frames)
-    Image.fromarray(frames_to_uint8(grid[None])[0]).save(out_path)
+    vertices, faces = torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces)
+    colors = torch.from_numpy(mesh.colors)
+    views = render_turntable(MeshRenderer(backend="torch"), (vertices, faces), colors, num_frames=frames, height=size, width=size)
+    Image.fromarray(frames_to_uint8(image_grid(views, columns=frames)[None])[0]).save(out_path)
     return out_path
 
 
 def generate_and_measure(
-    weights: Path, base: str, prompts: list[str], targets: list, out_dir: Path, args, turntables: bool
+    weights: Path, base: str, prompts: list[str], target_points: list[torch.Tensor], out_dir: Path, args, turntables: bool
 ) -> list[dict]:
+    """Generate each prompt's mesh with the student saved in `weights` (prompt i: noise seed + i) and
+    measure the exported file: `chamfer` to every target (`target_points[j]`, `[N, 3]`), `nearest` target."""
+    from lightning_modules.evaluate import load_mesh
     from lightning_modules.generate import generate_meshes
     from lightning_modules.student import TriplaneStudent
+    from teachers.shapes import chamfer_distance, sample_mesh_surface
 
     student = TriplaneStudent.from_pretrained(base, weights=weights)
     records = generate_meshes(student, prompts, out_dir, seed=args.seed, resolution=args.mesh_resolution, progress=False)
-    for record, target in zip(records, targets, strict=True):
+    for index, record in enumerate(records):
         path = out_dir / record["file"]
-        record["chamfer"] = mesh_chamfer(path, target, args.num_points)
+        mesh = load_mesh(path)  # the exported file, back in the world frame
+        points = sample_mesh_surface(torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces), args.num_points, seed=1)
+        distances = [float(chamfer_distance(points, target)) for target in target_points]
+        record["chamfer"] = distances[index]
+        record["nearest"] = int(np.argmin(distances))  # whether the shapes are told apart
         if turntables:
-            image = save_turntable_image(path, path.with_name(path.stem + "_turntable.png"), args.turntable_frames)
-            record["turntable"] = image.name
+            record["turntable"] = save_turntable_image(mesh, path.with_name(path.stem + "_turntable.png"), args.turntable_frames).name
     return records
-
-
-def nearest_targets(paths: list[Path], targets: list, num_points: int) -> list[int]:
-    """Index of the demo target each mesh is closest to (Chamfer), i.e. whether the shapes are told apart."""
-    return [int(np.argmin([mesh_chamfer(p, t, num_points) for t in targets])) for p in paths]
 
 
 def format_table(prompts, targets, before, after, nearest) -> str:
@@ -130,7 +113,7 @@ def run(argv: list[str]) -> int:
 
     from lightning_modules.cli import UserError, _quiet_model_loading
     from lightning_modules.tiny_models import build_demo_base
-    from teachers.shapes import ShapePromptError, parse_shape_prompt
+    from teachers.shapes import ShapePromptError, parse_shape_prompt, sample_surface_points
 
     args, overrides = build_parser().parse_known_args(argv)
     if not Path(args.config).is_file():
@@ -162,9 +145,10 @@ def run(argv: list[str]) -> int:
     model.save_student(out / "student")
     trained = time.perf_counter()
 
-    before = generate_and_measure(out / "student_untrained", base, prompts, targets, out / "untrained", args, turntables=False)
-    after = generate_and_measure(out / "student", base, prompts, targets, out, args, turntables=True)
-    nearest = nearest_targets([out / r["file"] for r in after], targets, args.num_points)
+    target_points = [sample_surface_points(target, args.num_points, seed=0) for target in targets]
+    before = generate_and_measure(out / "student_untrained", base, prompts, target_points, out / "untrained", args, turntables=False)
+    after = generate_and_measure(out / "student", base, prompts, target_points, out, args, turntables=True)
+    nearest = [r["nearest"] for r in after]
     done = time.perf_counter()
 
     cd_before = [r["chamfer"] for r in before]

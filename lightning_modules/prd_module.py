@@ -620,6 +620,8 @@ class PRDModule(pl.LightningModule):
         if "grad_norm" in stats and math.isfinite(stats["grad_norm"]):
             metrics["train/grad_norm"] = stats["grad_norm"]
         metrics.update({f"time/{part}": seconds for part, seconds in result.seconds.items()})
+        for name, teacher in self.teachers.teachers.items():  # the last PRD step's call of each teacher
+            metrics.update({f"train/stats/{name}/{key}": value for key, value in teacher.last_stats.items()})
         if self.student.device.type == "cuda":
             metrics["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.student.device) / 2**30
         # NaN values are logged as they are (the counter says what happened), never averaged away.

@@ -7,7 +7,7 @@ from lightning_modules.cli import main
 def test_help_lists_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("fit", "generate", "eval"):
+    for name in ("fit", "generate", "eval", "demo"):
         assert name in out
 
 

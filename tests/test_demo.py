@@ -104,7 +104,9 @@ def test_demo_trains_exports_measures_and_reports(demo_config, tmp_path, capsys)
 
 
 def test_demo_rejects_bad_input_with_one_line(demo_config, tmp_path, capsys):
-    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    from lightning_modules.cli import main as prd
+
+    assert prd(["demo", "--config", str(tmp_path / "missing.yaml")]) == 2  # `prd demo` = this module
     assert capsys.readouterr().err.strip().startswith("demo: error: config")
     config = yaml.safe_load(demo_config.read_text())
     config["data"]["init_args"]["train_prompts"] = ["a corgi wearing a party hat"]

@@ -203,6 +203,7 @@ def test_prd_fit_end_to_end_with_logs_checkpoints_and_resume(tiny_sd_dir, tmp_pa
     teacher_keys = {k for k in scalars if k.startswith("train/shape/")}
     assert teacher_keys == {"train/shape/mesh", "train/shape/volume"}
     assert {"time/student", "time/render", "time/teacher", "time/backward", "train/lr", "train/nonfinite_skips"} <= set(scalars)
+    assert {"train/stats/shape/grad_norm", "train/stats/shape/t_mean", "train/stats/shape/target_mse"} <= set(scalars)
     assert {"val/shape/mesh", "val/teacher_loss"} <= set(scalars)  # validation at batch 2
     assert any(tag.startswith("val_render_mesh/") for tag in images)
     assert any(tag.startswith("val_meshes/") and tag.endswith("_VERTEX") for tag in tensors)
