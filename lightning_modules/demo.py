@@ -136,8 +136,7 @@ def run(argv: list[str]) -> int:
         raise UserError(f"the demo measures shape prompts only: {err}") from None
     base = str(model.base)
     latent_size = int(model.student_config.latent_height)
-    with torch.random.fork_rng():  # building the base must not change the student's seeded initialisation
-        build_demo_base(base, prompts, latent_size=latent_size, steps=args.base_pretrain_steps)
+    build_demo_base(base, prompts, latent_size=latent_size, steps=args.base_pretrain_steps)
     built = time.perf_counter()
 
     trainer.callbacks.append(SaveUntrainedStudent(out / "student_untrained"))

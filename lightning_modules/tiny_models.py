@@ -174,10 +174,11 @@ def build_demo_base(
 ) -> Path:
     """Write the CPU demo's base model to `directory` (reused when it was built with the same settings).
 
-    A tiny SD (`make_tiny_sd` sizes) whose UNet is pretrained for `steps` AdamW steps (~25 s on 2 cores)
+    A tiny SD (`make_tiny_sd` sizes) whose UNet is pretrained for `steps` AdamW steps (~20 s on 2 cores)
     as the denoiser of a toy text-to-latent distribution: prompt i's data is one fixed smooth random
-    latent image (`toy_latent_images`), no shapes and nothing 3D. Loss: the x0 prediction's MSE at the
-    student's sampling `timesteps`, with the noise schedule of the scheduler config.
+    latent image (`toy_latent_images`), no shapes and nothing 3D. Loss: the x0 prediction's MSE at
+    `timesteps` (the 4-step sampler's; they include the 2-step sampler's 999 and 499), with the noise
+    schedule of the scheduler config. The global RNG state is left as it was.
 
     Why: the student relies on its base being a denoiser. A random UNet's x0 prediction at t = 999 is
     its input noise amplified ~15x (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), sqrt(abar) = 0.068), and
@@ -185,9 +186,6 @@ def build_demo_base(
     it prompt-dependent. After this pretraining the sampled x0 is bounded and mostly set by the prompt,
     as with a real pretrained SD, and PRD has to learn only what it learns at full size: the 3D.
     """
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     directory = Path(directory)
     settings = dict(
         prompts=list(prompts), latent_size=latent_size, steps=steps, timesteps=list(timesteps),
@@ -198,6 +196,16 @@ def build_demo_base(
         return directory
     if marker.exists():
         marker.unlink()
+    with torch.random.fork_rng():  # callers' seeded initialisations must not depend on whether we built
+        _pretrain_demo_base(directory, prompts, latent_size, steps, timesteps, batch_size, lr, seed, log)
+    marker.write_text(json.dumps(settings, indent=2))
+    return directory
+
+
+def _pretrain_demo_base(directory, prompts, latent_size, steps, timesteps, batch_size, lr, seed, log) -> None:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     make_tiny_sd(directory, seed=seed)
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder").eval()
@@ -229,5 +237,3 @@ def build_demo_base(
         if log is not None and (step + 1) % 100 == 0:
             log(f"demo base: UNet pretraining step {step + 1}/{steps}, x0 MSE {loss.item():.3f}")
     unet.eval().save_pretrained(directory / "unet")
-    marker.write_text(json.dumps(settings, indent=2))
-    return directory

@@ -269,8 +269,3 @@ def resized(cameras: Cameras, height: int, width: int) -> Cameras:
         height=int(height),
         width=int(width),
     )
-
-
-def field_of_view_x(cameras: Cameras) -> Tensor:
-    """Horizontal field of view `[B, V]` in radians for the cameras' image size."""
-    return 2 * torch.atan(torch.tan(cameras.fovy / 2) * cameras.width / cameras.height)

@@ -44,7 +44,11 @@ def _x0_error(directory, prompts, latent_size, timestep) -> float:
 
 
 def test_demo_base_pretraining_makes_the_unet_a_denoiser_and_is_reused(tmp_path):
+    torch.manual_seed(3)
     untrained = build_demo_base(tmp_path / "untrained", PROMPTS, latent_size=8, steps=0, log=None)
+    drawn = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.rand(4))  # building leaves the global RNG as it was
     trained = build_demo_base(tmp_path / "trained", PROMPTS, latent_size=8, steps=60, batch_size=8, log=None)
     errors = {t: (_x0_error(untrained, PROMPTS, 8, t), _x0_error(trained, PROMPTS, 8, t)) for t in (999, 499)}
     assert errors[999][0] > 8  # an untrained UNet's x0 at t = 999 is its input noise amplified ~15x
