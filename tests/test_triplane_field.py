@@ -195,8 +195,9 @@ def test_points_requiring_grad_avoid_grid_sample(monkeypatch):
     (normals, eikonal), the gather-based sampler must be used (checked here by forbidding grid_sample)."""
     from lightning_modules import triplane_field
 
-    planes = torch.randn(1, 3, 2, 6, 6)
-    points = torch.rand(1, 10, 3) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    planes = torch.randn(1, 3, 2, 6, 6, generator=g)
+    points = torch.rand(1, 10, 3, generator=g) * 2 - 1
     fast = triplane_field.sample_planes(planes, points, "v1")
 
     def forbidden(*args, **kwargs):
@@ -204,4 +205,5 @@ def test_points_requiring_grad_avoid_grid_sample(monkeypatch):
 
     monkeypatch.setattr(triplane_field.F, "grid_sample", forbidden)
     twice = triplane_field.sample_planes(planes, points.clone().requires_grad_(True), "v1")
-    torch.testing.assert_close(twice, fast, atol=1e-6, rtol=0)
+    # two float32 bilinear formulas: equal up to rounding, relative to the sampled values' magnitude
+    torch.testing.assert_close(twice, fast, atol=1e-6 * float(fast.abs().max()), rtol=1e-5)
