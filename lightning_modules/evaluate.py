@@ -233,6 +233,30 @@ def _texture_image(visual) -> np.ndarray | None:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def _colour_attribute_to_vertex_colours(mesh) -> None:
+    """glTF COLOR_0 beside an untextured material (`prd generate`'s GLBs) -> sRGB vertex colours, in place.
+
+    trimesh keeps such colours as a vertex attribute of a TextureVisuals, which `Scene.dump()` drops.
+    COLOR_0 and baseColorFactor are linear in glTF; COLOR_0 of files without a material is left as it is
+    (mostly trimesh exports, which hold sRGB bytes there).
+    """
+    import trimesh
+
+    from renderers.export import linear_to_srgb
+
+    rgba = getattr(mesh.visual, "vertex_attributes", {}).get("color")
+    untextured = getattr(mesh.visual, "kind", None) == "texture" and getattr(mesh.visual, "uv", None) is None
+    if untextured and rgba is not None and len(rgba) == len(mesh.vertices):
+        rgb = np.asarray(rgba, dtype=np.float64)[:, :3]
+        if np.issubdtype(np.asarray(rgba).dtype, np.integer):
+            rgb = rgb / np.iinfo(np.asarray(rgba).dtype).max  # normalized unsigned byte / short
+        factor = getattr(mesh.visual.material, "baseColorFactor", None)  # RGBA uint8
+        if factor is not None:
+            rgb = rgb * np.asarray(factor)[:3] / 255.0
+        srgb = np.clip(np.rint(linear_to_srgb(rgb) * 255), 0, 255).astype(np.uint8)
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=srgb)
+
+
 def _mesh_part(mesh) -> dict:
     """vertices, faces, per-vertex RGB in [0, 1], and uv / texture of one trimesh, whatever its visual."""
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
@@ -272,6 +296,8 @@ def load_mesh(path: str | Path, mesh_frame: str = "viewer") -> MeshData:
         scene = trimesh.load(str(path), force="scene", process=False)
     except Exception as err:  # trimesh raises many types for unreadable files
         raise UserError(f"cannot read mesh {path}: {err}") from None
+    for mesh in scene.geometry.values():
+        _colour_attribute_to_vertex_colours(mesh)
     parts = [_mesh_part(m) for m in scene.dump() if isinstance(m, trimesh.Trimesh) and len(m.faces)]
     if not parts:
         raise UserError(f"mesh {path} has no triangles")

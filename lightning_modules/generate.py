@@ -2,7 +2,7 @@
 
     prd generate "a prompt" ["another" ... | --prompts-file F] --out DIR [--seed N]
                  [--format glb|obj|ply] [--base ...] [--weights ...] [--resolution 160]
-                 [--batch-size N] [--uv-texture] [--device auto|cpu|cuda] [--dtype float32|float16|bfloat16]
+                 [--batch-size N] [--uv-texture] [--material pbr|unlit] [--device auto|cpu|cuda] [--dtype float32|float16|bfloat16]
 
 Object i of the run is drawn from noise seeded with `seed + i`, so a mesh does not depend on the batch
 size or on the other prompts. The output folder gets one mesh per prompt and `manifest.json`
@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lightning_modules.cli import UserError
-from renderers.export import EXPORT_FORMATS, export_mesh
+from renderers.export import EXPORT_FORMATS, MATERIALS, export_mesh
 from renderers.marching_cubes import EmptySurfaceError, extract_mesh
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-2-1-base"
@@ -128,6 +128,7 @@ def generate_meshes(
     batch_size: int = 4,
     uv_texture: bool = False,
     texture_size: int = 1024,
+    material: str = "pbr",
     empty_surface: str = "unit_sphere",
     timer: StageTimer | None = None,
     progress: bool = True,
@@ -182,6 +183,7 @@ def generate_meshes(
                     uv_texture=uv_texture,
                     texture_size=texture_size,
                     color_fn=color_fn,
+                    material=material,
                 )
                 records.append(
                     dict(
@@ -212,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--uv-texture", action="store_true", help="unwrap with xatlas and bake a texture (glb / obj)")
     p.add_argument("--texture-size", type=int, default=1024)
+    p.add_argument("--material", choices=MATERIALS, default="pbr",
+                   help="glb / obj material: pbr (metallic 0, roughness 1) or unlit (colours shown as is)")
     p.add_argument("--empty-surface", choices=("unit_sphere", "error"), default="unit_sphere",
                    help="when a field has no surface: the released pipeline's unit sphere, or an error")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -234,6 +238,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.uv_texture and args.file_format == "ply":
         raise UserError("--uv-texture needs --format glb or obj: PLY stores vertex colours only")
+    if args.material != "pbr" and args.file_format != "glb" and not args.uv_texture:
+        raise UserError(f"--material {args.material} needs --format glb (or obj with --uv-texture): a vertex-colour "
+                        f"{args.file_format.upper()} has no material")
     device = resolve_device(args.device)
 
     from lightning_modules.student import TriplaneStudent
@@ -249,7 +256,7 @@ def main(argv: list[str]) -> int:
     records = generate_meshes(
         student, prompts, args.out, seed=args.seed, file_format=args.file_format, resolution=args.resolution,
         batch_size=args.batch_size, uv_texture=args.uv_texture, texture_size=args.texture_size,
-        empty_surface=args.empty_surface, timer=timer, progress=not args.no_progress,
+        material=args.material, empty_surface=args.empty_surface, timer=timer, progress=not args.no_progress,
     )
     manifest = dict(
         meshes=records,

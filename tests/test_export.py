@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import trimesh
 
+from lightning_modules.evaluate import load_mesh
 from renderers.export import export_mesh, viewer_to_world, world_to_viewer
 from renderers.uv_bake import rasterize_uv
 
@@ -22,19 +23,22 @@ def test_roundtrip_vertices_colors_and_orientation(tmp_path, fmt):
     v, f, c = _marked_mesh()
     path = export_mesh(tmp_path / "m", v, f, c, file_format=fmt)
     assert path.suffix == f".{fmt}" and path.exists()
-    loaded = trimesh.load(path, process=False, force="mesh")
+    # the project's reader (GLB: linear COLOR_0 back to sRGB); mesh_frame="world" keeps the file's axes
+    loaded = load_mesh(path, mesh_frame="world")
     assert len(loaded.vertices) == len(v) and len(loaded.faces) == len(f)
-    np.testing.assert_array_equal(loaded.visual.vertex_colors[:, :3], np.rint(c * 255).astype(np.uint8))
-    lv = np.asarray(loaded.vertices)
+    rgb = np.rint(loaded.colors * 255).astype(np.uint8)
+    np.testing.assert_array_equal(rgb, np.rint(c * 255).astype(np.uint8))
+    lv = loaded.vertices.astype(np.float64)
     # Viewer convention: +y up (the red top), front faces +z (the green side).
-    red = (loaded.visual.vertex_colors[:, 0] == 255) & (loaded.visual.vertex_colors[:, 1] == 0)
-    green = loaded.visual.vertex_colors[:, 1] == 255
+    red = (rgb[:, 0] == 255) & (rgb[:, 1] == 0)
+    green = rgb[:, 1] == 255
     assert lv[red, 1].min() > 0.19 and lv[green, 2].min() > 0.49
     # the long world x axis (extent 1.0) is the viewer depth axis z
     np.testing.assert_allclose(np.ptp(lv, axis=0), [0.6, 0.4, 1.0], atol=1e-6)
     np.testing.assert_allclose(viewer_to_world(lv), v, atol=1e-6)
     # winding is preserved: outward normals, positive volume
-    assert loaded.is_watertight and loaded.volume > 0
+    mesh = trimesh.Trimesh(lv, loaded.faces, process=False)
+    assert mesh.is_watertight and mesh.volume > 0
 
 
 def test_rotation_is_proper():

@@ -5,14 +5,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pygltflib
 import pytest
 import torch
 import trimesh
 
 from lightning_modules.cli import main
-from lightning_modules.generate import StageTimer, generate_meshes
+from lightning_modules.evaluate import load_mesh
+from lightning_modules.generate import StageTimer, build_parser, generate_meshes
 from lightning_modules.student import TriplaneStudent
-from renderers.export import viewer_to_world
 from renderers.marching_cubes import extract_mesh
 
 PROMPTS = ["a red car", "a blue chair"]
@@ -51,14 +52,14 @@ def test_cli_writes_meshes_that_load_back(tmp_path, capsys, ref_weights, student
     field = student.sample(emb, noise=noise)
     meshes = extract_mesh(field, resolution=40)
     for i, (record, mesh) in enumerate(zip(manifest["meshes"], meshes, strict=True)):
-        loaded = trimesh.load(out / record["file"], process=False, force="mesh")
+        loaded = load_mesh(out / record["file"])  # world frame, sRGB colours
         assert len(loaded.vertices) == mesh.num_vertices == record["vertices"] > 0
         assert len(loaded.faces) == mesh.num_faces
-        world = viewer_to_world(np.asarray(loaded.vertices))
+        world = loaded.vertices
         np.testing.assert_allclose(world, mesh.vertices.detach().numpy(), atol=1e-5)
         points = torch.as_tensor(world, dtype=torch.float32)[None].expand(2, -1, -1)
         expected_rgb = field.color(points)[i].clamp(0, 1).detach().numpy()
-        got = loaded.visual.vertex_colors[:, :3].astype(np.float64) / 255
+        got = loaded.colors.astype(np.float64)
         assert np.abs(got - expected_rgb).max() <= 0.5 / 255 + 1e-6
 
 
@@ -138,3 +139,14 @@ def test_merged_adapters_give_the_same_field(ref_weights):
             assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item()), fn
     student.merge_adapters(merge=False)
     torch.testing.assert_close(student.unet.down_blocks[0].resnets[0].conv1.base_layer.weight, weight)
+
+
+def test_material_option(tmp_path, capsys, ref_weights, student):
+    assert build_parser().parse_args(["a", "--out", "o"]).material == "pbr"
+    records = generate_meshes(student, PROMPTS[:1], tmp_path, resolution=16, material="unlit", progress=False)
+    gltf = pygltflib.GLTF2().load(str(tmp_path / records[0]["file"]))
+    assert "KHR_materials_unlit" in gltf.extensionsUsed
+    assert gltf.materials[0].pbrMetallicRoughness.metallicFactor == 0
+    code, _, err = _run(["a red car", "--weights", str(ref_weights), "--out", str(tmp_path / "ply"),
+                         "--format", "ply", "--material", "unlit"], capsys)
+    assert "a vertex-colour PLY has no material" in _one_line_error(code, err)
