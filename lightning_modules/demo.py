@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-points", type=int, default=5000, help="surface points per mesh for the Chamfer distance (default: %(default)s)")
     parser.add_argument("--base-pretrain-steps", type=int, default=300, help="UNet pretraining steps of a newly built base model (default: %(default)s)")
     parser.add_argument("--turntable-frames", type=int, default=8, help="views in each turntable image (default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=2,
+        help="torch CPU threads; the figures depend on it (summation order), not on the machine's core count (default: %(default)s)",
+    )  # fmt: skip
     return parser
 
 
@@ -118,6 +122,9 @@ def run(argv: list[str]) -> int:
     args, overrides = build_parser().parse_known_args(argv)
     if not Path(args.config).is_file():
         raise UserError(f"config {args.config} not found: run from the repository root or pass --config PATH")
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     _quiet_model_loading()
     out = Path(args.out)
     start = time.perf_counter()
