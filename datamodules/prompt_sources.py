@@ -31,6 +31,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from renderers.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "prompt_sets"
@@ -52,7 +54,7 @@ _REASON_TEXT = {
 }
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
     """A prompt library that cannot be used as given (one-line message)."""
 
 
