@@ -10,8 +10,8 @@ import torch
 import trimesh
 
 from lightning_modules.cli import main
-from lightning_modules.generate import StageTimer, generate_meshes
 from lightning_modules.student import TriplaneStudent
+from lightning_modules.student.generation import StageTimer, generate_meshes
 from renderers.export import viewer_to_world
 from renderers.marching_cubes import extract_mesh
 

@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.adapters import (
+from lightning_modules.student.adapters import (
     NUM_PLANES,
     adapters_disabled,
     add_triplane_adapters,
     is_adapter_parameter,
     merge_adapters,
 )
-from lightning_modules.triplane_field import TriplaneField, VanillaMLP
-from lightning_modules.weights import (
+from lightning_modules.student.triplane_field import TriplaneField, VanillaMLP
+from lightning_modules.student.weights import (
     WEIGHTS_FILENAME,
     StudentConfig,
     StudentWeightsError,

@@ -26,18 +26,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_modules.adapters import (
+from lightning_modules.student.adapters import (
     ADAPTER_NAME,
     PLANE_NAMES,
     AdapterRanks,
     attention_names,
     locon_conv_names,
 )
-from lightning_modules.cli import UserError
-from lightning_modules.triplane_field import FieldConfig
+from lightning_modules.student.triplane_field import FieldConfig
+from renderers.errors import UserError
 
 if TYPE_CHECKING:
-    from lightning_modules.student import TriplaneStudent
+    from lightning_modules.student.triplane_student import TriplaneStudent
 
 BASE_HUB_ID = "stabilityai/stable-diffusion-2-1-base"
 WEIGHTS_HUB_ID = "ZhiyuanthePony/TriplaneTurbo"

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from lightning_modules.adapters import AdapterRanks
-from lightning_modules.weights import StudentConfig, StudentWeightsError
+from lightning_modules.student.adapters import AdapterRanks
+from lightning_modules.student.weights import StudentConfig, StudentWeightsError
 
 
 @dataclass
