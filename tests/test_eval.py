@@ -267,6 +267,15 @@ def test_missing_meshes_and_bad_arguments(mesh_dir, prompts_file, tiny_clip_dir,
     assert "not found" in capsys.readouterr().err
 
 
+def test_out_that_is_a_file_is_a_one_line_error(mesh_dir, prompts_file, tiny_clip_dir, tmp_path, capsys):
+    existing = tmp_path / "results.json"
+    existing.write_text("{}")
+    for out in (existing, existing / "sub"):
+        assert _run(_base_args(mesh_dir, prompts_file, tiny_clip_dir, out)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--out" in err[0] and "not a folder" in err[0]
+
+
 def test_bundled_prompt_set_and_split(mesh_dir, tiny_clip_dir, tmp_path):
     prompts, name = eval_cli.load_prompts("dreamfusion415", "val")
     assert len(prompts) == 16 and name == "dreamfusion415.json#val"

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_modules.cli.paths import output_folder
 from lightning_modules.evaluation.meshes import match_meshes
 from lightning_modules.evaluation.protocol import RenderProtocol
 from lightning_modules.evaluation.run import check_run_config, embed_renders, generate_missing_meshes, score
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = prompts[: args.limit]
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    out_dir = Path(args.out)
+    out_dir = output_folder(args.out, "--out")
     device = resolve_device(args.device)
 
     has_schema = args.clip_model.startswith(("local-dir:", "hf-hub:"))  # open_clip ignores the tag then

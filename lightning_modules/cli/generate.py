@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_modules.cli.paths import output_folder
 from lightning_modules.student.generation import (
     PromptError,
     StageTimer,
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> int:
     if args.uv_texture and args.file_format == "ply":
         raise UserError("--uv-texture needs --format glb or obj: PLY stores vertex colours only")
     device = resolve_device(args.device)
-    out_dir = Path(args.out)
+    out_dir = output_folder(args.out, "--out")
 
     from lightning_modules.student import TriplaneStudent
 
