@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_modules.student import TriplaneStudent
-from lightning_modules.student.weights import StudentConfig
+from lightning_modules.student.config import StudentConfig
 from lightning_modules.training.checkpoints import CheckpointMismatchError, export_student_weights
 from renderers.errors import UserError
 from tests.prd_helpers import (  # noqa: F401  (single_thread: fixture)

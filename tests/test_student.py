@@ -11,7 +11,8 @@ import torch
 
 from lightning_modules.student import TriplaneStudent
 from lightning_modules.student.adapters import AdapterRanks, HexaPlaneSelfAttnProcessor
-from lightning_modules.student.weights import StudentConfig, official_module_order
+from lightning_modules.student.config import StudentConfig
+from lightning_modules.student.weights import official_module_order
 from renderers.types import Field
 from tests.threads import single_thread  # noqa: F401  (fixture)
 from tests.tiny_sd import make_tiny_sd

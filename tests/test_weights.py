@@ -10,12 +10,10 @@ import pytest
 import torch
 
 from lightning_modules.student import TriplaneStudent
+from lightning_modules.student.config import BASE_HUB_ID, StudentConfig, StudentWeightsError
 from lightning_modules.student.weights import (
-    BASE_HUB_ID,
     WEIGHTS_FILENAME,
     WEIGHTS_HUB_ID,
-    StudentConfig,
-    StudentWeightsError,
     official_key_shapes,
     official_state_dict,
 )

@@ -29,11 +29,10 @@ from lightning_modules.student.adapters import (
     is_adapter_parameter,
     merge_adapters,
 )
+from lightning_modules.student.config import StudentConfig, StudentWeightsError
 from lightning_modules.student.triplane_field import TriplaneField, VanillaMLP
 from lightning_modules.student.weights import (
     WEIGHTS_FILENAME,
-    StudentConfig,
-    StudentWeightsError,
     load_student_weights,
     resolve_base,
     resolve_weights,

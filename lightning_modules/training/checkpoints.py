@@ -135,7 +135,8 @@ def export_student_weights(checkpoint_path: str | os.PathLike, directory: str | 
     building any model: the `student.*` entries of its state dict and the student config it recorded."""
     from safetensors.torch import save_file
 
-    from lightning_modules.student.weights import CONFIG_NAME, OWN_FORMAT, SAFETENSORS_NAME, StudentConfig
+    from lightning_modules.student.config import StudentConfig
+    from lightning_modules.student.weights import CONFIG_NAME, OWN_FORMAT, SAFETENSORS_NAME
 
     path = Path(checkpoint_path)
     if not path.is_file():

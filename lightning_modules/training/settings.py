@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lightning_modules.student.adapters import AdapterRanks
-from lightning_modules.student.weights import StudentConfig, StudentWeightsError
+from lightning_modules.student.config import StudentConfig, StudentWeightsError
 
 
 @dataclass
