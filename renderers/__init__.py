@@ -17,6 +17,7 @@ _EXPORTS = {
     "DeformableMarchingCubes": "renderers.marching_cubes",
     "EmptySurfaceError": "renderers.marching_cubes",
     "Field": "renderers.types",
+    "FieldWithSharedGeometry": "renderers.types",
     "MeshRenderer": "renderers.mesh_renderer",
     "NeuSVolumeRenderer": "renderers.volume_renderer",
     "RandomColorBackground": "renderers.backgrounds",

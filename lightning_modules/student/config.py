@@ -45,6 +45,8 @@ class StudentConfig:
     latent_width: int = 32
     num_inference_steps: int = 4
     isosurface_resolution: int = 160
+    # The student class (import path); None: TriplaneStudent. A subclass brings another representation.
+    student_class: str | None = None
 
     # Reference values that this implementation supports (anything else is an error, not silently ignored).
     _FIXED = {
@@ -63,6 +65,8 @@ class StudentConfig:
     _FIXED_MLP = {"otype": ("VanillaMLP",), "activation": ("ReLU",), "output_activation": ("none",)}
 
     def __post_init__(self):
+        if self.student_class is not None and not isinstance(self.student_class, str):
+            raise StudentWeightsError(f"student_class must be an import path such as 'my_pkg.MyStudent', got {self.student_class!r}")
         if self.output_dim < 2 or (self.field_config.split_channels == "v1" and self.output_dim % 2):
             raise StudentWeightsError(f"output_dim must be even and >= 2, got {self.output_dim}")
 
@@ -78,7 +82,7 @@ class StudentConfig:
             "latent_height", "latent_width", "num_steps_sampling", "radius", "normal_type", "sdf_bias",
             "sdf_bias_params", "rotate_planes", "split_channels", "geo_interpolate", "tex_interpolate",
             "n_feature_dims", "sample_scheduler", "mlp_network_config", "space_generator_config",
-            "isosurface_deformable_grid", "isosurface_resolution", "color_activation",
+            "isosurface_deformable_grid", "isosurface_resolution", "color_activation", "student_class",
         }  # fmt: skip
         unknown = sorted(set(data) - known)
         if unknown:
@@ -138,6 +142,7 @@ class StudentConfig:
             latent_width=int(data.get("latent_width", defaults.latent_width)),
             num_inference_steps=int(data.get("num_inference_steps", defaults.num_inference_steps)),
             isosurface_resolution=int(data.get("isosurface_resolution", defaults.isosurface_resolution)),
+            student_class=data.get("student_class"),
         )
 
     @classmethod
@@ -191,7 +196,7 @@ class StudentConfig:
             "isosurface_deformable_grid": self.deformable_grid,
             "isosurface_resolution": self.isosurface_resolution,
             "color_activation": "sigmoid-mipnerf",
-        }
+        } | ({"student_class": self.student_class} if self.student_class is not None else {})
 
     def to_json(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

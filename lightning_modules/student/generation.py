@@ -89,10 +89,25 @@ def validate_prompts(prompts: list[str], source: str = "prompt") -> list[str]:
     return [p.strip() for p in prompts]
 
 
+class _ObjectOfBatch:
+    """Object `index` of any batched `renderers.types.Field`: its colours from one batched call, with the
+    object's points in its row (the other rows get zeros)."""
+
+    def __init__(self, field, index: int) -> None:
+        self.field, self.index = field, index
+
+    def color(self, points):  # [1, N, 3] -> [1, N, 3]
+        batch = points.new_zeros(self.field.batch_size, *points.shape[1:])
+        batch[self.index] = points[0]
+        return self.field.color(batch)[self.index : self.index + 1]
+
+
 def _object_field(field, index: int):
-    """The sub-field of object `index` of a batched TriplaneField."""
+    """The sub-field of object `index` of a batched TriplaneField (of another representation's field: a view)."""
     from lightning_modules.student.triplane_field import TriplaneField
 
+    if not isinstance(field, TriplaneField):
+        return _ObjectOfBatch(field, index)
     return TriplaneField(
         field.planes[index : index + 1],
         field.sdf_network,

@@ -13,6 +13,7 @@ decoded without the VAE scaling factor. Only the adapters, the new VAE conv_out 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Iterator
@@ -162,7 +163,8 @@ class TriplaneStudent(nn.Module):
                  checkpoint file (official .pth layout or own .safetensors), a directory written by
                  `save_pretrained`, or a hub id (`ZhiyuanthePony/TriplaneTurbo`, file `weights_filename`).
         config:  StudentConfig or a config.json path; default: config.json beside the weights, else the
-                 full-size defaults.
+                 full-size defaults. Its `student_class` (an import path) builds that subclass instead: how a
+                 second representation comes in (README, "Adding a representation").
         device, dtype: where the model runs (float32 by default; the reference ran in float32).
         """
         weights_file, config_path = (None, None)
@@ -176,6 +178,7 @@ class TriplaneStudent(nn.Module):
             base = config.base_model_name_or_path
             if config_path is not None and (Path(config_path).parent / base).exists():
                 base = Path(config_path).parent / base
+        cls = _student_class(cls, config)
         base_dir = resolve_base(base)
         unet, vae, text_encoder, tokenizer, scheduler_config = _load_base(base_dir, load_text_encoder)
         student = cls(unet, vae, text_encoder, tokenizer, scheduler_config, config)
@@ -438,6 +441,23 @@ class TriplaneStudent(nn.Module):
         latents, trace = self.denoise(text_embeddings, noise, num_steps, generator, seed, return_intermediates=True)
         field = self.decode(latents)
         return (field, trace) if return_intermediates else field
+
+
+def _student_class(cls: type[TriplaneStudent], config: StudentConfig) -> type[TriplaneStudent]:
+    """The class `config.student_class` names (a subclass of `cls`), else `cls`."""
+    if config.student_class is None:
+        return cls
+    module_name, _, name = config.student_class.rpartition(".")
+    try:
+        chosen = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise StudentWeightsError(
+            f"student_class {config.student_class!r} cannot be imported ({type(err).__name__}: {err}); "
+            "give the import path of a TriplaneStudent subclass, e.g. 'my_package.my_module.MyStudent'"
+        ) from None
+    if not (isinstance(chosen, type) and issubclass(chosen, TriplaneStudent)):
+        raise StudentWeightsError(f"student_class {config.student_class!r} is not a subclass of TriplaneStudent")
+    return chosen if issubclass(chosen, cls) else cls
 
 
 def _load_base(base_dir: Path, load_text_encoder: bool):
