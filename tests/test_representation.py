@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_modules.student import TriplaneStudent
 from lightning_modules.student.config import StudentConfig, StudentWeightsError
@@ -20,8 +21,8 @@ from tests.prd_helpers import TINY_STUDENT
 class ProtocolOnlyField:
     """A representation that offers the protocol and nothing else (no planes, no shared geometry lookup)."""
 
-    def __init__(self, inner: TriplaneField) -> None:
-        self._inner = inner
+    def __init__(self, inner: TriplaneField, tint: torch.Tensor) -> None:
+        self._inner, self._tint = inner, tint
 
     @property
     def batch_size(self) -> int:
@@ -34,14 +35,20 @@ class ProtocolOnlyField:
         return self._inner.deformation(points)
 
     def color(self, points):
-        return 1.0 - self._inner.color(points)  # its own colours
+        return (self._inner.color(points) + self._tint).clamp(0, 1)  # its own colours
 
 
 class ProtocolOnlyStudent(TriplaneStudent):
-    """The student of that representation: the same generator, another decode."""
+    """The student of that representation: the same generator, another decode, one more trainable tensor."""
+
+    trainable_prefixes = (*TriplaneStudent.trainable_prefixes, "tint")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tint = nn.Parameter(torch.zeros(3))
 
     def decode(self, latents):
-        return ProtocolOnlyField(super().decode(latents))
+        return ProtocolOnlyField(super().decode(latents), self.tint)
 
 
 STUDENT_CLASS = f"{__name__}.ProtocolOnlyStudent"
@@ -59,8 +66,9 @@ def test_the_project_fields_satisfy_the_field_protocol():
 def test_a_student_class_in_the_config_brings_another_representation(tiny_sd_dir, tmp_path):
     config = resolve_student_config({**TINY_STUDENT, "student_class": STUDENT_CLASS})
     student = TriplaneStudent.from_pretrained(tiny_sd_dir, config=config)
-    assert type(student) is ProtocolOnlyStudent
+    assert type(student) is ProtocolOnlyStudent and "tint" in student.trainable_state_dict()
     with torch.no_grad():
+        student.tint.fill_(0.25)
         field = student.sample(student.encode_prompt(["a red ball", "a blue cube"]), seed=0)
         assert isinstance(field, Field) and not isinstance(field, FieldWithSharedGeometry)
         render = MeshRenderer(resolution=12, backend="torch")(field, evaluation_cameras(2, batch_size=2, height=16, width=16))
@@ -71,6 +79,7 @@ def test_a_student_class_in_the_config_brings_another_representation(tiny_sd_dir
     assert json.loads((directory / "config.json").read_text())["student_class"] == STUDENT_CLASS
     again = TriplaneStudent.from_pretrained(tiny_sd_dir, weights=directory)
     assert type(again) is ProtocolOnlyStudent and again.config == student.config
+    assert torch.equal(again.tint, student.tint)
     records = generate_meshes(again, ["a red ball", "a blue cube"], tmp_path / "meshes", resolution=12, progress=False)
     assert [(tmp_path / "meshes" / r["file"]).is_file() for r in records] == [True, True]
 

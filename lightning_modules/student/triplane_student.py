@@ -67,12 +67,6 @@ class SamplerTrace:
     latents: Tensor | None = None  # = x0[-1], what is decoded
 
 
-def _is_trainable_name(name: str) -> bool:
-    return name.startswith(_TRAINABLE_PREFIXES) or (
-        name.startswith(("unet.", "vae.")) and is_adapter_parameter(name)
-    )
-
-
 class TriplaneStudent(nn.Module):
     """The TriplaneTurbo generator: text embedding + 6 noise planes per object -> `TriplaneField`.
 
@@ -80,7 +74,14 @@ class TriplaneStudent(nn.Module):
     encoder; decoder with adapters and a new `conv_out`), `text_encoder` / `tokenizer` (optional, CLIP),
     `sdf_network`, `feature_network`, `deformation_network` (bias-free ReLU MLPs).
     Build it with `from_pretrained`, or from modules (e.g. on the meta device) with the constructor.
+
+    A subclass brings another representation: it returns its own `renderers.types.Field` from `decode` and
+    lists the names of any new trainable modules in `trainable_prefixes` (they then train, and are saved and
+    loaded with the adapters).
     """
+
+    # Parameter-name prefixes of what trains besides the adapters: the MLPs and the new VAE conv_out.
+    trainable_prefixes: tuple[str, ...] = _TRAINABLE_PREFIXES
 
     def __init__(
         self,
@@ -139,7 +140,7 @@ class TriplaneStudent(nn.Module):
         self.noise_scheduler = DDPMScheduler.from_config(scheduler_config)  # training: add_noise
         self.sample_scheduler = DDIMScheduler.from_config(scheduler_config)  # sampling: eta 0
         for name, p in self.named_parameters():
-            p.requires_grad_(_is_trainable_name(name))
+            p.requires_grad_(self._is_trainable(name))
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -207,13 +208,18 @@ class TriplaneStudent(nn.Module):
 
     # ---------------------------------------------------------------------------------- parameters
 
+    def _is_trainable(self, name: str) -> bool:
+        return name.startswith(self.trainable_prefixes) or (
+            name.startswith(("unet.", "vae.")) and is_adapter_parameter(name)
+        )
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Adapters, the new VAE conv_out and the MLPs (the base stays frozen)."""
-        return (p for name, p in self.named_parameters() if _is_trainable_name(name))
+        return (p for name, p in self.named_parameters() if self._is_trainable(name))
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """name -> parameter (not copies) of everything that trains, under the student's module names."""
-        return {name: p for name, p in self.named_parameters() if _is_trainable_name(name)}
+        return {name: p for name, p in self.named_parameters() if self._is_trainable(name)}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
         """Strict inverse of `trainable_state_dict` (missing / unexpected / wrong-shape keys raise)."""
