@@ -38,8 +38,8 @@ def random_full_size_student():
     cost what trained ones cost and gradients reach every adapter (also used by bench_prd.py)."""
     from transformers import CLIPTokenizer
 
-    from lightning_modules.sd_configs import build_sd21_base
     from lightning_modules.student import TriplaneStudent
+    from lightning_modules.student.sd_configs import build_sd21_base
 
     torch.manual_seed(0)
     unet, vae, text_encoder = build_sd21_base()
@@ -89,7 +89,7 @@ def time_networks(student, emb, noise, repeats: int, adapters: bool) -> tuple[fl
 
 
 def main() -> None:
-    from lightning_modules.generate import StageTimer, generate_meshes
+    from lightning_modules.student.generation import StageTimer, generate_meshes
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -70,7 +70,7 @@ def demo_module(base: str | None, workdir: Path):
 
 
 def full_size_module(reference_renders: bool, gradient_checkpointing: bool):
-    from lightning_modules.prd_module import PRDModule
+    from lightning_modules.training.prd_module import PRDModule
     from renderers import MeshRenderer, NeuSVolumeRenderer, TextConditionedBackground
     from teachers.shape_teacher import ShapeTeacher
 

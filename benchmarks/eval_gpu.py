@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import numpy as np
 import torch
 
-from lightning_modules.clip_score import CLIPScore3D  # noqa: E402
-from lightning_modules.evaluate import RenderProtocol, load_mesh, normalize_mesh, render_views, slugify  # noqa: E402
+from lightning_modules.evaluation.clip_score import CLIPScore3D  # noqa: E402
+from lightning_modules.evaluation.meshes import load_mesh, normalize_mesh, slugify  # noqa: E402
+from lightning_modules.evaluation.protocol import RenderProtocol, render_views  # noqa: E402
 from renderers.export import export_mesh  # noqa: E402
 from tests.test_eval_protocol import face_coloured_cube  # noqa: E402
 from tests.tiny_clip import make_tiny_clip  # noqa: E402

@@ -78,7 +78,7 @@ def _timed(fn, device: str, repeats: int) -> tuple[float, object]:
 def full_size_timings(device: str, batch: int, dtype: torch.dtype, repeats: int) -> None:
     from transformers import CLIPTokenizer
 
-    from lightning_modules.sd_configs import build_sd21_base
+    from lightning_modules.student.sd_configs import build_sd21_base
 
     with torch.device(device):
         unet, vae, text_encoder = build_sd21_base()

@@ -1,31 +1,50 @@
 """Cameras, marching cubes, mesh rasteriser (nvdiffrast / PyTorch), NeuS volume renderer, backgrounds,
-turntables and mesh export. Shared data contracts: renderers/types.py."""
+turntables and mesh export: everything that turns a 3D field or mesh into images. The lowest layer of the
+project: it imports nothing from datamodules/, teachers/ or lightning_modules/. Shared data contracts (the
+`Field` protocol every representation implements, `Cameras`, `RenderOutput`): renderers/types.py; the base
+of every one-line user error: renderers/errors.py.
 
-from renderers.backgrounds import RandomColorBackground, SolidBackground, TextConditionedBackground
-from renderers.cameras import evaluation_cameras, sample_training_cameras
-from renderers.marching_cubes import DeformableMarchingCubes, EmptySurfaceError, TriangleMesh, extract_mesh
-from renderers.mesh_renderer import MeshRenderer, render_mesh
-from renderers.rasterizers import RasterizerBackendError, get_rasterizer, resolve_backend
-from renderers.types import Cameras, Field, RenderOutput
-from renderers.volume_renderer import NeuSVolumeRenderer
+The names below are loaded on first use (`from renderers import MeshRenderer`), so importing one small module
+such as `renderers.errors` does not import the renderers.
+"""
 
-__all__ = [
-    "Cameras",
-    "DeformableMarchingCubes",
-    "EmptySurfaceError",
-    "Field",
-    "MeshRenderer",
-    "NeuSVolumeRenderer",
-    "RandomColorBackground",
-    "RasterizerBackendError",
-    "RenderOutput",
-    "SolidBackground",
-    "TextConditionedBackground",
-    "TriangleMesh",
-    "evaluation_cameras",
-    "extract_mesh",
-    "get_rasterizer",
-    "render_mesh",
-    "resolve_backend",
-    "sample_training_cameras",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Cameras": "renderers.types",
+    "DeformableMarchingCubes": "renderers.marching_cubes",
+    "EmptySurfaceError": "renderers.marching_cubes",
+    "Field": "renderers.types",
+    "FieldWithSharedGeometry": "renderers.types",
+    "MeshRenderer": "renderers.mesh_renderer",
+    "NeuSVolumeRenderer": "renderers.volume_renderer",
+    "RandomColorBackground": "renderers.backgrounds",
+    "RasterizerBackendError": "renderers.rasterizers",
+    "RenderOutput": "renderers.types",
+    "SolidBackground": "renderers.backgrounds",
+    "TextConditionedBackground": "renderers.backgrounds",
+    "TriangleMesh": "renderers.marching_cubes",
+    "UserError": "renderers.errors",
+    "evaluation_cameras": "renderers.cameras",
+    "extract_mesh": "renderers.marching_cubes",
+    "get_rasterizer": "renderers.rasterizers",
+    "render_mesh": "renderers.mesh_renderer",
+    "resolve_backend": "renderers.rasterizers",
+    "sample_training_cameras": "renderers.cameras",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'renderers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -27,6 +27,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from renderers.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "torch", "nvdiffrast"]
@@ -34,7 +36,7 @@ BACKENDS = ("auto", "torch", "nvdiffrast")
 _NOTICES_GIVEN: set[str] = set()
 
 
-class RasterizerBackendError(ValueError):
+class RasterizerBackendError(UserError, ValueError):
     """The requested rasteriser backend cannot run here."""
 
 

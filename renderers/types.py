@@ -20,22 +20,51 @@ from torch import Tensor
 
 @runtime_checkable
 class Field(Protocol):
-    """A batch of B implicit 3D objects in [-1, 1]^3 (e.g. the student's triplane field).
+    """A batch of B implicit 3D objects in [-1, 1]^3: the one interface between a 3D representation and
+    everything that draws or judges it (marching cubes, both renderers, the teachers through the renders,
+    validation logging and mesh export). The student's `TriplaneField` is one; `teachers.shapes.ShapeField`
+    (analytic targets) is another. A new representation is a class with these members, nothing more:
 
-    Every method takes points `[B, N, 3]` and is differentiable with respect to the field's
-    parameters (the triplanes) and the points.
+    - `batch_size`: B, the number of objects;
+    - `sdf(points)`, `deformation(points)`, `color(points)` below. Each takes points `[B, N, 3]` and is
+      differentiable with respect to the representation's parameters (what trains) and the points.
+
+    Optional members, looked up with `getattr` (see `FieldWithSharedGeometry`):
+
+    - `sdf_and_deformation(points)`: both from one lookup of shared geometry features; marching cubes
+      calls it instead of `sdf` + `deformation` at every training render (about 2x faster there);
+    - `device` / `dtype` attributes, or being an `nn.Module` with parameters: where evaluation grids are
+      built (default: CPU, float32).
+
+    Normals are not part of the protocol: the volume renderer takes them from the SDF by autograd and the
+    mesh renderer from the extracted mesh.
     """
+
+    @property
+    def batch_size(self) -> int:
+        """B, the number of objects in the batch."""
+        ...
 
     def sdf(self, points: Tensor) -> Tensor:
         """Signed distance `[B, N]` (negative inside), including any prior."""
         ...
 
     def deformation(self, points: Tensor) -> Tensor:
-        """Raw deformation of the marching-cubes grid vertices `[B, N, 3]`."""
+        """Raw deformation of the marching-cubes grid vertices `[B, N, 3]` in grid cells (zeros when the
+        representation has none; `DeformableMarchingCubes(use_deformation=False)` skips it)."""
         ...
 
     def color(self, points: Tensor) -> Tensor:
         """RGB `[B, N, 3]` in [0, 1]."""
+        ...
+
+
+@runtime_checkable
+class FieldWithSharedGeometry(Field, Protocol):
+    """A `Field` whose SDF and deformation come from the same geometry features, read once for both."""
+
+    def sdf_and_deformation(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """`(sdf(points), deformation(points))`, `[B, N]` and `[B, N, 3]`, from one geometry lookup."""
         ...
 
 

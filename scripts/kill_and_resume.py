@@ -57,7 +57,7 @@ def folder_state(directory: Path) -> frozenset:
 
 
 def temporary_names(directory: Path) -> set[str]:
-    """Names of interrupted atomic writes (`lightning_modules.checkpoint_io`: `.<name>.<random>.tmp`)."""
+    """Names of interrupted atomic writes (`lightning_modules.training.checkpoint_io`: `.<name>.<random>.tmp`)."""
     return {p.name for p in directory.glob(".*.tmp")} if directory.is_dir() else set()
 
 

@@ -30,9 +30,9 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.cli import UserError
-from lightning_modules.schedules import Schedule, ScheduleLike
+from renderers.errors import UserError
 from renderers.types import RenderOutput
+from teachers.schedules import Schedule, ScheduleLike
 
 _DTYPES = {
     "float32": torch.float32,

@@ -32,7 +32,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 
-from lightning_modules.cli import UserError
+from renderers.errors import UserError
 from teachers.camera_vectors import camera_vectors, camera_vectors_from_c2w, richdreamer_condition_distance
 
 CONFIG_DIR = Path(__file__).parent / "configs"

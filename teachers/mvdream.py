@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_modules.schedules import ScheduleLike
 from renderers.types import Cameras, RenderOutput
 from teachers.base import ScoreDistillationTeacher, TeacherWeightsNotFoundError, per_image, render_image
 from teachers.camera_vectors import camera_vectors, richdreamer_condition_distance
+from teachers.schedules import ScheduleLike
 from teachers.stable_diffusion import DEFAULT_SD, encode_rgb, load_vae
 
 NEGATIVE_PROMPT = (

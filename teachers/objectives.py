@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_modules.schedules import Schedule, ScheduleLike
+from teachers.schedules import Schedule, ScheduleLike
 
 OBJECTIVES = ("sds", "asd", "csd")
 WEIGHTINGS = ("dmd", "sds", "uniform")

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.schedules import ScheduleLike
 from renderers.types import RenderOutput
 from teachers.base import render_image
 from teachers.mvdream import NEGATIVE_PROMPT, MultiViewTeacher, MVDreamTeacher
+from teachers.schedules import ScheduleLike
 from teachers.stable_diffusion import DEFAULT_SD
 
 DEFAULT_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -61,12 +61,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.schedules import ScheduleLike
 from renderers.backgrounds import NORMAL_BACKGROUND
 from renderers.cameras import resized
 from renderers.types import Cameras, RenderOutput
 from teachers.base import Teacher, checked_image, render_image
 from teachers.objectives import ScoreDistillation
+from teachers.schedules import ScheduleLike
 from teachers.shapes import ShapeField, ShapeTarget, parse_shape_prompt, target_mesh
 
 IMAGE_CHANNELS = {"rgb": 3, "normal": 3, "alpha": 1, "depth": 1, "disparity": 1}

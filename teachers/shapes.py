@@ -23,7 +23,7 @@ Filler words ("a", "an", "the", "one", "single", "of", "shaped", "solid", "plain
 "colored", "coloured", "object", "3d", "model") are ignored.
 
 `strict=True` (default): an unknown word, a prompt without a shape word, or two different shapes /
-colours / sizes is a `ShapePromptError` (a ValueError with a one-line message). `strict=False`:
+colours / sizes is a `ShapePromptError` (a `UserError` and ValueError with a one-line message). `strict=False`:
 unknown words are ignored, the first shape / colour / size word wins, a prompt without a shape
 word gives `default_shape` ("sphere") and one without a colour `default_color` ("grey").
 
@@ -42,10 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from renderers.errors import UserError
 from renderers.marching_cubes import DeformableMarchingCubes, TriangleMesh, grid_points
 
 
-class ShapePromptError(ValueError):
+class ShapePromptError(UserError, ValueError):
     """A shape prompt could not be read (one-line message saying what is wrong and what to do)."""
 
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.schedules import ScheduleLike
 from renderers.types import RenderOutput
 from teachers.base import (
     ScoreDistillationTeacher,
@@ -25,6 +24,7 @@ from teachers.base import (
     render_image,
 )
 from teachers.objectives import rand
+from teachers.schedules import ScheduleLike
 
 DEFAULT_SD = "stabilityai/stable-diffusion-2-1-base"
 

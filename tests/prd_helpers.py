@@ -96,7 +96,7 @@ def tiny_renderers() -> dict:
 
 def tiny_module(base: Path | str, teachers=None, **overrides):
     """A PRDModule on a tiny SD directory with tiny renderers (24 px mesh, 16 px volume) and a ColorTeacher."""
-    from lightning_modules.prd_module import PRDModule
+    from lightning_modules.training.prd_module import PRDModule
 
     kwargs = dict(
         teachers=teachers if teachers is not None else {"color": ColorTeacher()},
@@ -194,7 +194,7 @@ def tiny_cli_config(
     return {
         "seed_everything": 0,
         "trainer": trainer_config,
-        "model": {"class_path": "lightning_modules.prd_module.PRDModule", "init_args": model},
+        "model": {"class_path": "lightning_modules.training.prd_module.PRDModule", "init_args": model},
         "data": {"class_path": "datamodules.prompts.PromptDataModule", "init_args": data},
     }
 

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.cli import UserError
-from lightning_modules.clip_score import (
+from lightning_modules.evaluation.clip_score import (
     CLIPScore3D,
     CLIPWeightsNotFoundError,
     load_open_clip,
     prompt_keys,
 )
+from renderers.errors import UserError
 from tests.tiny_clip import make_tiny_clip, register_tiny_clip
 
 
@@ -201,7 +201,7 @@ def test_cached_openai_weights_are_found_without_network(tmp_path, monkeypatch):
     """A file in open_clip's URL cache counts as present: loading gets past the lookup to the file."""
     import open_clip
 
-    from lightning_modules.clip_score import cached_pretrained_file
+    from lightning_modules.evaluation.clip_score import cached_pretrained_file
 
     cfg = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
     target = tmp_path / os.path.basename(cfg["url"])

@@ -11,7 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.prompt_sources import BUNDLED_DIR, PromptFileError
+from datamodules.prompt_lines import PromptFileError
+from datamodules.prompt_sources import BUNDLED_DIR
 from datamodules.prompts import PromptDataModule, TrainLayout, epoch_permutation
 
 PROMPTS = [f"prompt number {i}" for i in range(23)]

@@ -12,17 +12,16 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from datamodules.prompt_sources import (
-    BUNDLED_DIR,
+from datamodules.prompt_lines import (
     BadLineReport,
     LinePromptFile,
     PromptFileError,
     build_line_index,
     index_cache_path,
-    load_prompt_source,
 )
+from datamodules.prompt_sources import BUNDLED_DIR, load_prompt_source
 
-LOGGER = "datamodules.prompt_sources"
+LOGGER = "datamodules"  # prompt_sources and prompt_lines
 
 
 def all_prompts(source) -> list[str]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.demo import main
-from lightning_modules.tiny_models import DEMO_BASE_MARKER, build_demo_base, toy_latent_images
+from lightning_modules.demo.cpu_demo import main
+from lightning_modules.demo.tiny_models import DEMO_BASE_MARKER, build_demo_base, toy_latent_images
 from tests.prd_helpers import PRD_WARNING_FILTERS, single_thread  # noqa: F401  (fixture)
 from tests.test_prd_configs import demo_config_for_test
 

@@ -7,16 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lightning_modules import evaluate
-from lightning_modules.cli import UserError
+from lightning_modules.cli import evaluate as eval_cli
 from lightning_modules.cli import main as prd_main
-from lightning_modules.evaluate import (
-    RenderProtocol,
-    load_mesh,
-    match_meshes,
-    normalize_mesh,
-    slugify,
-)
+from lightning_modules.evaluation import run as eval_run
+from lightning_modules.evaluation.meshes import MeshData, load_mesh, match_meshes, normalize_mesh, slugify
+from lightning_modules.evaluation.protocol import RenderProtocol
+from renderers.errors import UserError
 from renderers.export import export_mesh
 from tests.tiny_clip import make_tiny_clip
 
@@ -148,7 +144,7 @@ def test_load_mesh_face_colours_and_errors(tmp_path):
 
 def test_normalize_mesh_box():
     v, f, c = box((0.1, 0.2, 0.4))
-    mesh = evaluate.MeshData(v + np.array([1.0, 2.0, 3.0], np.float32), f, c)
+    mesh = MeshData(v + np.array([1.0, 2.0, 3.0], np.float32), f, c)
     out = normalize_mesh(mesh, "box", 0.9)
     assert np.allclose(out.vertices.max(axis=0), [0.225, 0.45, 0.9], atol=1e-6)
     assert np.allclose(out.vertices.min(axis=0), [-0.225, -0.45, -0.9], atol=1e-6)
@@ -199,7 +195,7 @@ def test_interrupted_run_resumes_where_it_stopped(mesh_dir, prompts_file, tiny_c
     def args(out):
         return _base_args(mesh_dir, prompts_file, tiny_clip_dir, tmp_path / out) + ["--limit", "5"]
 
-    real_render = evaluate.render_views
+    real_render = eval_run.render_views
     calls = []
 
     def failing_render(*a, **k):
@@ -208,7 +204,7 @@ def test_interrupted_run_resumes_where_it_stopped(mesh_dir, prompts_file, tiny_c
         calls.append(1)
         return real_render(*a, **k)
 
-    monkeypatch.setattr(evaluate, "render_views", failing_render)
+    monkeypatch.setattr(eval_run, "render_views", failing_render)
     with pytest.raises(RuntimeError, match="injected failure"):
         _run(args("resumed"))
     progress = [json.loads(line) for line in (tmp_path / "resumed" / "progress.jsonl").read_text().splitlines()]
@@ -216,7 +212,7 @@ def test_interrupted_run_resumes_where_it_stopped(mesh_dir, prompts_file, tiny_c
     assert not (tmp_path / "resumed" / "results.json").exists()
 
     counted = []
-    monkeypatch.setattr(evaluate, "render_views", lambda *a, **k: counted.append(1) or real_render(*a, **k))
+    monkeypatch.setattr(eval_run, "render_views", lambda *a, **k: counted.append(1) or real_render(*a, **k))
     assert _run(args("resumed")) == 0
     assert len(counted) == 3  # only the prompts that were not finished
     # renders on disk are reused too: drop the last prompt's progress (a torn line), rerun: no rendering
@@ -225,7 +221,7 @@ def test_interrupted_run_resumes_where_it_stopped(mesh_dir, prompts_file, tiny_c
     counted.clear()
     assert _run(args("resumed")) == 0 and counted == []
 
-    monkeypatch.setattr(evaluate, "render_views", real_render)
+    monkeypatch.setattr(eval_run, "render_views", real_render)
     assert _run(args("straight")) == 0
     resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())
     straight = json.loads((tmp_path / "straight" / "results.json").read_text())
@@ -271,23 +267,30 @@ def test_missing_meshes_and_bad_arguments(mesh_dir, prompts_file, tiny_clip_dir,
     assert "not found" in capsys.readouterr().err
 
 
+def test_out_that_is_a_file_is_a_one_line_error(mesh_dir, prompts_file, tiny_clip_dir, tmp_path, capsys):
+    existing = tmp_path / "results.json"
+    existing.write_text("{}")
+    for out in (existing, existing / "sub"):
+        assert _run(_base_args(mesh_dir, prompts_file, tiny_clip_dir, out)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--out" in err[0] and "not a folder" in err[0]
+
+
 def test_bundled_prompt_set_and_split(mesh_dir, tiny_clip_dir, tmp_path):
-    prompts, name = evaluate.load_prompts("dreamfusion415", "val")
+    prompts, name = eval_cli.load_prompts("dreamfusion415", "val")
     assert len(prompts) == 16 and name == "dreamfusion415.json#val"
     with pytest.raises(UserError, match="no 'nope' prompt list"):
-        evaluate.load_prompts("dreamfusion415", "nope")
+        eval_cli.load_prompts("dreamfusion415", "nope")
 
 
 def test_generate_mode_generates_missing_meshes_resumably(prompts_file, tiny_clip_dir, tmp_path, monkeypatch):
     """The weights mode calls the student's generate_meshes in batches and resumes between batches."""
-    import sys
-    import types
 
     made = []
 
     def fake_generate_meshes(student, prompts, out_dir, seed=0, file_format="glb", resolution=160, batch_size=4,
                              progress=True):
-        """Like lightning_modules.generate.generate_meshes: records with the file name in out_dir."""
+        """Like lightning_modules.student.generation.generate_meshes: records with the file name in out_dir."""
         records = []
         for k, prompt in enumerate(prompts):
             i = PROMPTS.index(prompt)
@@ -304,7 +307,7 @@ def test_generate_mode_generates_missing_meshes_resumably(prompts_file, tiny_cli
         def from_pretrained(cls, base, weights, device=None):
             return cls()
 
-    monkeypatch.setitem(sys.modules, "lightning_modules.generate", types.SimpleNamespace(generate_meshes=fake_generate_meshes))
+    monkeypatch.setattr("lightning_modules.student.generation.generate_meshes", fake_generate_meshes)
     monkeypatch.setattr("lightning_modules.student.TriplaneStudent", FakeStudent)
     args = [
         "--weights", str(tmp_path / "w.safetensors"), "--prompts", str(prompts_file), "--out", str(tmp_path / "g"),
@@ -313,7 +316,7 @@ def test_generate_mode_generates_missing_meshes_resumably(prompts_file, tiny_cli
     ]
     with pytest.raises(RuntimeError, match="injected failure"):
         _run(args)
-    assert len(evaluate.read_jsonl(tmp_path / "g" / "generated.jsonl")) == 3  # one finished batch
+    assert len(eval_run.read_jsonl(tmp_path / "g" / "generated.jsonl")) == 3  # one finished batch
     made.clear()
     assert _run(args) == 0
     assert made == PROMPTS[3:]
@@ -326,17 +329,17 @@ def test_render_protocol_defaults_are_the_reference_protocol():
     p = RenderProtocol()
     assert (p.num_views, p.elevation, p.distance, p.fovy, p.resolution) == (4, 15.0, 3.0, 40.0, 512)
     assert p.azimuths == [0.0, 90.0, 180.0, 270.0]
-    assert evaluate.build_parser().parse_args(["--meshes", "m", "--prompts", "p", "--out", "o"]).views == 4
+    assert eval_cli.build_parser().parse_args(["--meshes", "m", "--prompts", "p", "--out", "o"]).views == 4
 
 
 def test_help_exits_zero(capsys):
-    assert evaluate.main(["--help"]) == 0
+    assert eval_cli.main(["--help"]) == 0
     assert "--meshes" in capsys.readouterr().out
 
 
 def test_consecutive_batches():
-    assert evaluate._consecutive_batches([0, 1, 2, 3, 4, 7, 8, 10], 2) == [[0, 1], [2, 3], [4], [7, 8], [10]]
-    assert evaluate._consecutive_batches([], 3) == []
+    assert eval_run._consecutive_batches([0, 1, 2, 3, 4, 7, 8, 10], 2) == [[0, 1], [2, 3], [4], [7, 8], [10]]
+    assert eval_run._consecutive_batches([], 3) == []
 
 
 def test_generate_mode_with_the_tiny_reference_student(fixtures_dir, tiny_clip_dir, tmp_path):

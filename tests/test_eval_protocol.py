@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from lightning_modules.evaluate import RenderProtocol, load_mesh, normalize_mesh, render_views
+from lightning_modules.evaluation.meshes import load_mesh, normalize_mesh
+from lightning_modules.evaluation.protocol import RenderProtocol, render_views
 from renderers.export import export_mesh
 
 # One colour per face, each with a zero channel shared with the top face's blue, so that the
@@ -111,7 +112,7 @@ def test_uv_textured_mesh_renders_like_its_vertex_colours(tmp_path, fmt):
     """A cube exported with a baked UV texture (OBJ + MTL + PNG, or GLB) is rendered by sampling the
     texture per pixel: the same picture as the vertex-coloured cube up to texel seams, much closer
     than the vertex-colour fallback of the textured file."""
-    from lightning_modules.evaluate import MeshData
+    from lightning_modules.evaluation.meshes import MeshData
 
     protocol = RenderProtocol(resolution=64, bound=0.5)
     cube = face_coloured_cube(0.5)

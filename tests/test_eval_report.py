@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from lightning_modules.eval_report import (
+from lightning_modules.evaluation.report import (
     contact_sheet,
     histogram_counts,
     markdown_report,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from lightning_modules.evaluate import load_mesh
+from lightning_modules.evaluation.meshes import load_mesh
 from renderers.export import export_mesh, viewer_to_world, world_to_viewer
 from renderers.uv_bake import rasterize_uv
 

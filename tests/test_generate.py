@@ -1,6 +1,7 @@
 """`prd generate` end to end on the tiny reference model (tests/fixtures/reference/triplaneturbo_ref_A)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,10 @@ import torch
 import trimesh
 
 from lightning_modules.cli import main
-from lightning_modules.evaluate import load_mesh
-from lightning_modules.generate import StageTimer, build_parser, generate_meshes
 from lightning_modules.student import TriplaneStudent
+from lightning_modules.cli.generate import build_parser
+from lightning_modules.evaluation.meshes import load_mesh
+from lightning_modules.student.generation import StageTimer, generate_meshes
 from renderers.marching_cubes import extract_mesh
 
 PROMPTS = ["a red car", "a blue chair"]
@@ -115,6 +117,58 @@ def test_wrong_and_corrupt_weights_are_one_line_errors(tmp_path, capsys, fixture
     code, _, err = _run(["a cat", "--base", base, "--weights", str(tmp_path / "absent.pth"),
                          "--out", str(tmp_path / "o")], capsys)
     assert "absent.pth" in _one_line_error(code, err)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Path errors must come before the model loads (seconds to minutes at full size)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the student was loaded")
+
+    monkeypatch.setattr(TriplaneStudent, "from_pretrained", classmethod(refuse))
+
+
+def test_out_that_is_a_file_is_one_line_error(tmp_path, capsys, no_model_loads):
+    existing = tmp_path / "meshes.glb"
+    existing.write_text("not a folder")
+    code, _, err = _run(["a cat", "--out", str(existing)], capsys)
+    line = _one_line_error(code, err)
+    assert str(existing) in line and "is a file, not a folder" in line
+    code, _, err = _run(["a cat", "--out", str(existing / "sub")], capsys)  # a file where a folder is expected
+    assert "a part of the path is a file" in _one_line_error(code, err)
+    assert existing.read_text() == "not a folder"
+
+
+def test_out_that_cannot_be_written_is_one_line_error(tmp_path, capsys, no_model_loads, monkeypatch):
+    from lightning_modules.cli import paths
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(paths.tempfile, "TemporaryFile", read_only)
+    code, _, err = _run(["a cat", "--out", str(tmp_path / "o")], capsys)
+    line = _one_line_error(code, err)
+    assert str(tmp_path / "o") in line and "cannot write into the folder (Read-only file system)" in line
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_out_in_a_read_only_folder_is_one_line_error(tmp_path, capsys, no_model_loads):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _, err = _run(["a cat", "--out", str(locked)], capsys)
+        assert "cannot write into the folder" in _one_line_error(code, err)
+        code, _, err = _run(["a cat", "--out", str(locked / "new")], capsys)
+        assert "cannot create the folder" in _one_line_error(code, err)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_unreadable_prompts_file_is_one_line_error(tmp_path, capsys, no_model_loads):
+    code, _, err = _run(["--prompts-file", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+    assert f"cannot read prompts file {tmp_path}" in _one_line_error(code, err)
 
 
 def test_console_script_exit_code(tmp_path):

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from lightning_modules.cli import UserError
+from renderers.errors import UserError
 from teachers.multiview_unet import (
     ORIGINAL_UNET_PREFIX,
     RELEASED_CHECKPOINTS,

@@ -24,7 +24,8 @@ pytestmark = [*PRD_WARNING_FILTERS, pytest.mark.usefixtures("single_thread")]
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Any model load is an error: the student, the teachers, CLIP."""
-    from lightning_modules import clip_score, student
+    from lightning_modules import student
+    from lightning_modules.evaluation import clip_score
     from teachers.base import Teacher
 
     def refuse(*args, **kwargs):
@@ -35,7 +36,15 @@ def nothing_loads(monkeypatch):
     monkeypatch.setattr(clip_score, "load_open_clip", refuse)
 
 
-@pytest.mark.parametrize("name", ["triplaneturbo_v1", "triplaneturbo_v1_24gb", "demo_cpu"])
+# Every shipped config: a moved class (class_path) or a renamed argument fails here, without loading a model.
+SHIPPED_CONFIGS = sorted(path.stem for path in CONFIGS.glob("*.yaml"))
+
+
+def test_the_shipped_configs_are_all_checked():
+    assert {"triplaneturbo_v1", "triplaneturbo_v1_24gb", "demo_cpu"} <= set(SHIPPED_CONFIGS)
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_print_config_prints_the_full_config_without_loading_models(name, capsys, nothing_loads):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--print_config"])
@@ -43,7 +52,7 @@ def test_print_config_prints_the_full_config_without_loading_models(name, capsys
     printed = yaml.safe_load(capsys.readouterr().out)
     source = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     model = printed["model"]["init_args"]
-    assert printed["model"]["class_path"] == "lightning_modules.prd_module.PRDModule"
+    assert printed["model"]["class_path"] == "lightning_modules.training.prd_module.PRDModule"
     # everything the file sets is there, plus every default (the full config)
     assert model["student_config"] == source["model"]["init_args"]["student_config"]
     teachers = model["teachers"]["init_args"]["teachers"]
@@ -57,7 +66,7 @@ def test_print_config_prints_the_full_config_without_loading_models(name, capsys
     assert printed["trainer"]["max_steps"] == source["trainer"]["max_steps"]
     assert printed["data"]["init_args"]["batch_size"] == source["data"]["init_args"]["batch_size"]
     if name.startswith("triplaneturbo"):
-        assert printed["trainer"]["plugins"] == [{"class_path": "lightning_modules.checkpoint_io.AtomicCheckpointIO"}]
+        assert printed["trainer"]["plugins"] == [{"class_path": "lightning_modules.training.checkpoint_io.AtomicCheckpointIO"}]
 
 
 def test_reference_config_holds_the_reference_hyper_parameters():
@@ -209,7 +218,7 @@ def test_prd_fit_end_to_end_with_logs_checkpoints_and_resume(tiny_sd_dir, tmp_pa
     assert any(tag.startswith("val_meshes/") and tag.endswith("_VERTEX") for tag in tensors)
 
     # the checkpoint carries the CLI config: the module rebuilds from it alone
-    from lightning_modules.prd_module import PRDModule
+    from lightning_modules.training.prd_module import PRDModule
 
     restored = PRDModule.load_from_checkpoint(checkpoints / "last.ckpt", map_location="cpu")
     assert type(restored.teachers.teachers["shape"]).__name__ == "ShapeTeacher"

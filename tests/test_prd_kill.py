@@ -20,7 +20,7 @@ import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lightning_modules.checkpoint_io import AtomicCheckpointIO, temporary_files
+from lightning_modules.training.checkpoint_io import AtomicCheckpointIO, temporary_files
 from tests.prd_helpers import (
     PRD_WARNING_FILTERS,
     differences,
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIG_MIB = 128
 WRITER = """
 import sys, time, torch
-from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.training.checkpoint_io import AtomicCheckpointIO
 target, mode = sys.argv[1], sys.argv[2]
 AtomicCheckpointIO().save_checkpoint({"version": 1, "weights": torch.arange(1000.0)}, target)
 print("saved 1", flush=True)

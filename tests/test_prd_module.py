@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from lightning_modules.cli import UserError
-from lightning_modules.prd_module import CheckpointMismatchError, export_student_weights
 from lightning_modules.student import TriplaneStudent
-from lightning_modules.weights import StudentConfig
+from lightning_modules.student.config import StudentConfig
+from lightning_modules.training.checkpoints import CheckpointMismatchError, export_student_weights
+from renderers.errors import UserError
 from tests.prd_helpers import (  # noqa: F401  (single_thread: fixture)
     PRD_WARNING_FILTERS,
     ColorTeacher,
@@ -220,7 +220,7 @@ def _same(a, b):
 def test_nonfinite_loss_or_gradient_skips_the_step_and_training_continues(tiny_sd_dir, tmp_path, kind, caplog):
     # calls 5-8 are the 2nd batch; a non-finite value at its 3rd PRD step
     teacher = ColorTeacher(**{kind: [7]})
-    with caplog.at_level(logging.WARNING, logger="lightning_modules.prd_module"):
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.training.optimization"):
         module, trainer, initial, snapshots = _fit_with_teacher(tiny_sd_dir, tmp_path, teacher, max_steps=2)
     assert module.nonfinite_skips == 1
     assert [step for step, _ in snapshots] == [1, 1, 2]  # batch 2 did not step; training went on
@@ -370,7 +370,7 @@ def test_configuration_errors_are_one_line(tiny_sd_dir):
 
 
 def test_flat_and_reference_student_configs(tiny_sd_dir):
-    from lightning_modules.prd_settings import resolve_student_config
+    from lightning_modules.training.settings import resolve_student_config
 
     flat = resolve_student_config({"ranks": {"self_attn": 3, "cross_attn": 2, "locon": 1}, "latent_size": 12, "output_dim": 6})
     assert (flat.ranks.self_attn, flat.ranks.cross_attn, flat.ranks.locon) == (3, 2, 1)
@@ -404,7 +404,7 @@ def test_learned_background_trains_and_is_checkpointed(tiny_sd_dir):
 
 
 def test_validation_logs_clip_score_of_the_evaluation_renders(tiny_sd_dir, tmp_path):
-    from lightning_modules.clip_score import CLIPScore3D, load_open_clip
+    from lightning_modules.evaluation.clip_score import CLIPScore3D, load_open_clip
     from renderers.cameras import evaluation_cameras
     from tests.tiny_clip import make_tiny_clip
 

@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_modules.schedules import Schedule, ScheduleLike, schedule_value
+from teachers.schedules import Schedule, ScheduleLike, schedule_value
 
 
 def test_constant():

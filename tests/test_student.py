@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.adapters import AdapterRanks, HexaPlaneSelfAttnProcessor
 from lightning_modules.student import TriplaneStudent
-from lightning_modules.weights import StudentConfig, official_module_order
+from lightning_modules.student.adapters import AdapterRanks, HexaPlaneSelfAttnProcessor
+from lightning_modules.student.config import StudentConfig
+from lightning_modules.student.weights import official_module_order
 from renderers.types import Field
 from tests.threads import single_thread  # noqa: F401  (fixture)
 from tests.tiny_sd import make_tiny_sd

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lightning_modules.student import TriplaneStudent
-from lightning_modules.weights import official_module_order
+from lightning_modules.student.weights import official_module_order
 from tests.threads import single_thread  # noqa: F401  (fixture)
 
 FIXTURE = "triplaneturbo_ref_A"

@@ -472,7 +472,7 @@ def test_missing_weights_are_one_line_errors_with_fetch_instructions(tmp_path, c
         assert "\n" not in message, message
         for needle in needles:
             assert needle in message, (needle, message)
-    from lightning_modules.cli import UserError
+    from renderers.errors import UserError
 
     assert issubclass(TeacherWeightsNotFoundError, UserError) and issubclass(
         TeacherWeightsNotFoundError, FileNotFoundError

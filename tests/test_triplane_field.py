@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.triplane_field import (
+from lightning_modules.student.triplane_field import (
     FieldConfig,
     TriplaneField,
     VanillaMLP,
@@ -152,7 +152,7 @@ def test_bad_configuration_is_rejected():
 
 
 def test_bilinear_sample_equals_grid_sample_and_is_twice_differentiable():
-    from lightning_modules.triplane_field import bilinear_sample
+    from lightning_modules.student.triplane_field import bilinear_sample
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(3, 2, 5, 7, generator=g, dtype=torch.float64)
@@ -167,7 +167,7 @@ def test_bilinear_sample_equals_grid_sample_and_is_twice_differentiable():
 
 def test_sdf_gradient_has_a_gradient_wrt_the_planes():
     """The eikonal loss needs d/dplanes of d sdf / d points (double backward through the sampler)."""
-    from lightning_modules.triplane_field import TriplaneField, VanillaMLP
+    from lightning_modules.student.triplane_field import TriplaneField, VanillaMLP
 
     g = torch.Generator().manual_seed(1)
     planes = torch.randn(1, 6, 4, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -193,7 +193,7 @@ def test_sdf_gradient_has_a_gradient_wrt_the_planes():
 def test_points_requiring_grad_avoid_grid_sample(monkeypatch):
     """CUDA's grid_sample has no double backward: when the caller may differentiate w.r.t. the points
     (normals, eikonal), the gather-based sampler must be used (checked here by forbidding grid_sample)."""
-    from lightning_modules import triplane_field
+    from lightning_modules.student import triplane_field
 
     g = torch.Generator().manual_seed(0)
     planes = torch.randn(1, 3, 2, 6, 6, generator=g)

@@ -9,17 +9,15 @@ import shutil
 import pytest
 import torch
 
-from lightning_modules.cli import UserError
 from lightning_modules.student import TriplaneStudent
-from lightning_modules.weights import (
-    BASE_HUB_ID,
+from lightning_modules.student.config import BASE_HUB_ID, StudentConfig, StudentWeightsError
+from lightning_modules.student.weights import (
     WEIGHTS_FILENAME,
     WEIGHTS_HUB_ID,
-    StudentConfig,
-    StudentWeightsError,
     official_key_shapes,
     official_state_dict,
 )
+from renderers.errors import UserError
 from tests.threads import single_thread  # noqa: F401  (fixture)
 
 FIXTURE = "triplaneturbo_ref_A"
@@ -43,7 +41,7 @@ def _read_official_keys(path):
 @pytest.fixture(scope="module")
 def full_size_student():
     """The full-size SD 2.1-base architecture with adapters, on the meta device (no weights, no download)."""
-    from lightning_modules.sd_configs import build_sd21_base
+    from lightning_modules.student.sd_configs import build_sd21_base
 
     with torch.device("meta"):
         unet, vae, _ = build_sd21_base(text_encoder=False)

@@ -1,6 +1,6 @@
-"""Tiny random-weight Stable Diffusion directories for tests (re-exported from `lightning_modules.tiny_models`)."""
+"""Tiny random-weight Stable Diffusion directories for tests (re-exported from `lightning_modules.demo.tiny_models`)."""
 
-from lightning_modules.tiny_models import (  # noqa: F401
+from lightning_modules.demo.tiny_models import (  # noqa: F401
     FIXTURE_SCHEDULER,
     FIXTURE_TOKENIZER,
     FIXTURES,

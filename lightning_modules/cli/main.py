@@ -5,7 +5,8 @@
     prd eval ...                               CLIP score / retrieval of generated or given meshes
     prd demo [--config ...]                    the CPU demo of `make demo` (train, export, Chamfer before / after)
 
-User errors (missing weights, bad input) end with a one-line message and exit code 2.
+User errors (any `renderers.errors.UserError`: missing weights, bad input, unusable paths) end with a one-line
+message and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,17 +14,15 @@ from __future__ import annotations
 import importlib
 import sys
 
+from renderers.errors import UserError
+
 # Subcommands that are not Lightning stages: name -> "module:function(argv) -> int".
 EXTRA_COMMANDS = {
-    "generate": "lightning_modules.generate:main",
-    "eval": "lightning_modules.evaluate:main",
-    "demo": "lightning_modules.demo:main",
+    "generate": "lightning_modules.cli.generate:main",
+    "eval": "lightning_modules.cli.evaluate:main",
+    "demo": "lightning_modules.demo.cpu_demo:main",
 }
 LIGHTNING_STAGES = ("fit", "validate", "test", "predict")
-
-
-class UserError(Exception):
-    """A problem with the user's input or files; printed as one line, exit code 2."""
 
 
 def _quiet_model_loading() -> None:
@@ -70,10 +69,3 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"prd: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    # Re-import so that `python -m lightning_modules.cli` and the other modules share one UserError class.
-    from lightning_modules.cli import main as _main
-
-    sys.exit(_main())

@@ -1,18 +1,15 @@
-"""`prd generate`: prompts -> coloured meshes with a trained TriplaneTurbo student.
+"""Prompts -> coloured mesh files with a trained TriplaneTurbo student (the library behind `prd generate`).
 
-    prd generate "a prompt" ["another" ... | --prompts-file F] --out DIR [--seed N]
-                 [--format glb|obj|ply] [--base ...] [--weights ...] [--resolution 160]
-                 [--batch-size N] [--uv-texture] [--material pbr|unlit] [--device auto|cpu|cuda] [--dtype float32|float16|bfloat16]
+    records = generate_meshes(student, ["a wooden chair"], "meshes/", seed=0, file_format="glb")
 
-Object i of the run is drawn from noise seeded with `seed + i`, so a mesh does not depend on the batch
-size or on the other prompts. The output folder gets one mesh per prompt and `manifest.json`
-(prompt -> file, seed, mesh sizes, timings).
+Object i of a run is drawn from noise seeded with `seed + i`, so a mesh does not depend on the batch
+size or on the other prompts. Each record names the prompt, its seed, the file written and the mesh
+sizes; `StageTimer` collects the seconds per stage (text encoding, denoising, triplane decoding, mesh
+extraction, export). The command line (`prd generate`) is `lightning_modules.cli.generate`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import time
 from collections import defaultdict
@@ -23,14 +20,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lightning_modules.cli import UserError
-from renderers.export import EXPORT_FORMATS, MATERIALS, export_mesh
+from renderers.errors import UserError
+from renderers.export import export_mesh
 from renderers.marching_cubes import EmptySurfaceError, extract_mesh
 
-DEFAULT_BASE = "stabilityai/stable-diffusion-2-1-base"
-DEFAULT_WEIGHTS = "ZhiyuanthePony/TriplaneTurbo"
 STAGES = ("text encoding", "denoising", "triplane decoding", "mesh extraction", "export")
 MAX_PROMPT_CHARS = 1000
+
+
+class PromptError(UserError, ValueError):
+    """A prompt, or a prompts file, that cannot be generated from (one-line message)."""
 
 
 @dataclass
@@ -81,33 +80,34 @@ def resolve_device(name: str) -> torch.device:
 
 def validate_prompts(prompts: list[str], source: str = "prompt") -> list[str]:
     if not prompts:
-        raise UserError("no prompt given: pass prompts as arguments or --prompts-file FILE (one per line)")
+        raise PromptError("no prompt given: pass prompts as arguments or --prompts-file FILE (one per line)")
     for i, p in enumerate(prompts, 1):
         if not p.strip():
-            raise UserError(f"{source} {i} is empty: every prompt must contain text")
+            raise PromptError(f"{source} {i} is empty: every prompt must contain text")
         if len(p) > MAX_PROMPT_CHARS:
-            raise UserError(f"{source} {i} has {len(p)} characters: the limit is {MAX_PROMPT_CHARS}")
+            raise PromptError(f"{source} {i} has {len(p)} characters: the limit is {MAX_PROMPT_CHARS}")
     return [p.strip() for p in prompts]
 
 
-def read_prompts_file(path: str | Path) -> list[str]:
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"prompts file {path} does not exist") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"prompts file {path} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise UserError(f"prompts file {path} holds no prompt: write one prompt per line")
-    return prompts
+class _ObjectOfBatch:
+    """Object `index` of any batched `renderers.types.Field`: its colours from one batched call, with the
+    object's points in its row (the other rows get zeros)."""
+
+    def __init__(self, field, index: int) -> None:
+        self.field, self.index = field, index
+
+    def color(self, points):  # [1, N, 3] -> [1, N, 3]
+        batch = points.new_zeros(self.field.batch_size, *points.shape[1:])
+        batch[self.index] = points[0]
+        return self.field.color(batch)[self.index : self.index + 1]
 
 
 def _object_field(field, index: int):
-    """The sub-field of object `index` of a batched TriplaneField."""
-    from lightning_modules.triplane_field import TriplaneField
+    """The sub-field of object `index` of a batched TriplaneField (of another representation's field: a view)."""
+    from lightning_modules.student.triplane_field import TriplaneField
 
+    if not isinstance(field, TriplaneField):
+        return _ObjectOfBatch(field, index)
     return TriplaneField(
         field.planes[index : index + 1],
         field.sdf_network,
@@ -199,74 +199,3 @@ def generate_meshes(
         bar.update(len(batch))
     bar.close()
     return records
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prd generate", description="Generate textured meshes from text prompts.")
-    p.add_argument("prompts", nargs="*", help="text prompts (or use --prompts-file)")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt (prompt i uses seed + i)")
-    p.add_argument("--format", dest="file_format", choices=EXPORT_FORMATS, default="glb")
-    p.add_argument("--base", default=None, help=f"SD directory or hub id (default: from config.json, else {DEFAULT_BASE})")
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="TriplaneTurbo weights: file, folder or hub id")
-    p.add_argument("--resolution", type=int, default=160, help="marching-cubes grid vertices per axis")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--uv-texture", action="store_true", help="unwrap with xatlas and bake a texture (glb / obj)")
-    p.add_argument("--texture-size", type=int, default=1024)
-    p.add_argument("--material", choices=MATERIALS, default="pbr",
-                   help="glb / obj material: pbr (metallic 0, roughness 1) or unlit (colours shown as is)")
-    p.add_argument("--empty-surface", choices=("unit_sphere", "error"), default="unit_sphere",
-                   help="when a field has no surface: the released pipeline's unit sphere, or an error")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    p.add_argument("--no-merge", action="store_true",
-                   help="keep the LoRA / LoCon adapters separate (default: folded into the weights, faster)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    prompts = list(args.prompts)
-    if args.prompts_file:
-        prompts += read_prompts_file(args.prompts_file)
-    prompts = validate_prompts(prompts)
-    if args.resolution < 4:
-        raise UserError(f"--resolution must be at least 4, got {args.resolution}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.uv_texture and args.file_format == "ply":
-        raise UserError("--uv-texture needs --format glb or obj: PLY stores vertex colours only")
-    if args.material != "pbr" and args.file_format != "glb" and not args.uv_texture:
-        raise UserError(f"--material {args.material} needs --format glb (or obj with --uv-texture): a vertex-colour "
-                        f"{args.file_format.upper()} has no material")
-    device = resolve_device(args.device)
-
-    from lightning_modules.student import TriplaneStudent
-
-    start = time.perf_counter()
-    student = TriplaneStudent.from_pretrained(args.base, weights=args.weights, device=device)
-    student.to(dtype=getattr(torch, args.dtype))
-    if not args.no_merge:
-        student.merge_adapters()
-    load_seconds = time.perf_counter() - start
-
-    timer = StageTimer()
-    records = generate_meshes(
-        student, prompts, args.out, seed=args.seed, file_format=args.file_format, resolution=args.resolution,
-        batch_size=args.batch_size, uv_texture=args.uv_texture, texture_size=args.texture_size,
-        material=args.material, empty_surface=args.empty_surface, timer=timer, progress=not args.no_progress,
-    )
-    manifest = dict(
-        meshes=records,
-        weights=str(args.weights),
-        base=str(args.base),
-        resolution=args.resolution,
-        format=args.file_format,
-        timings_seconds=dict(timer.seconds, load=load_seconds, total=timer.total),
-    )
-    Path(args.out, "manifest.json").write_text(json.dumps(manifest, indent=2))
-    print(f"wrote {len(records)} mesh(es) to {args.out} (model loading {load_seconds:.2f} s)")
-    print(timer.table(len(records)))
-    return 0

@@ -1,7 +1,7 @@
 """`PRDModule`: Progressive Rendering Distillation of a `TriplaneStudent` with frozen teachers (no 3D data).
 
     model:
-      class_path: lightning_modules.prd_module.PRDModule
+      class_path: lightning_modules.training.prd_module.PRDModule
       init_args:
         base: stabilityai/stable-diffusion-2-1-base     # the student's Stable Diffusion
         renderers: {mesh: {class_path: renderers.MeshRenderer}, volume: {class_path: renderers.NeuSVolumeRenderer}}
@@ -32,11 +32,14 @@ the optimizer state, the data position (saved by the DataModule), the accumulati
 skip counter; never the frozen base or the teachers. `load_state_dict` checks the trainable keys strictly.
 Checkpoint files are written atomically (`checkpoint_io.AtomicCheckpointIO`, installed in `on_fit_start` when
 the trainer has Lightning's default writer): a job killed mid-write leaves the previous checkpoint intact.
+
+This file is the loop; the plumbing sits beside it, as mixins of `PRDModule`: `optimization.py` (optimizer,
+accumulation window, DDP no_sync, non-finite skipping), `checkpoints.py` (trainable state dict, checkpoint
+hooks, `export_student_weights`) and `validation.py` (validation / test generation and logging).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
@@ -53,12 +56,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_modules.checkpoint_io import use_atomic_checkpoints
-from lightning_modules.cli import UserError
-from lightning_modules.clip_score import CLIPScore3D
-from lightning_modules.generate import slugify
-from lightning_modules.prd_logging import mesh_colors, render_grid, tensorboard_mesh
-from lightning_modules.prd_settings import (
+from lightning_modules.evaluation.clip_score import CLIPScore3D
+from lightning_modules.training.checkpoint_io import use_atomic_checkpoints
+from lightning_modules.training.checkpoints import TrainableStateMixin
+from lightning_modules.training.optimization import OptimizerStepMixin
+from lightning_modules.training.settings import (
     BackwardClock,
     CameraSampling,
     PRDBatchResult,
@@ -67,11 +69,13 @@ from lightning_modules.prd_settings import (
     as_dataclass,
     resolve_student_config,
 )
-from lightning_modules.schedules import Schedule, ScheduleLike
-from renderers.cameras import evaluation_cameras, resized, sample_training_cameras
+from lightning_modules.training.validation import ValidationMixin
+from renderers.cameras import resized, sample_training_cameras
+from renderers.errors import UserError
 from renderers.types import Cameras, RenderOutput
 from teachers.base import Teacher
 from teachers.ensemble import TeacherEnsemble
+from teachers.schedules import Schedule, ScheduleLike
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 warns that checkpoints of manual-optimisation modules hold the state AFTER the optimizer step;
@@ -79,20 +83,12 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-2-1-base"
-# The reference optimizer: Adan, lr 2e-4, betas (0.98, 0.92, 0.99), eps 1e-15, no weight decay.
-REFERENCE_ADAN = dict(lr=2e-4, betas=(0.98, 0.92, 0.99), eps=1e-15, weight_decay=0.0)
-CHECKPOINT_KEY = "prd"
-CHECKPOINT_FORMAT = 1
 # Init args that are objects (built by jsonargparse): kept out of hyper_parameters outside LightningCLI,
 # where they would be pickled into every checkpoint.
 _OBJECT_ARGS = ("teachers", "renderers", "background", "optimizer", "lr_scheduler", "clip_score")
 
 
-class CheckpointMismatchError(UserError, ValueError):
-    """A checkpoint's trainable weights do not fit this module's configuration (one-line message)."""
-
-
-class PRDModule(pl.LightningModule):
+class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.LightningModule):
     """Progressive Rendering Distillation: trains the student's adapters, conv_out and MLPs from prompts only.
 
     Args:
@@ -101,7 +97,7 @@ class PRDModule(pl.LightningModule):
             applied at every PRD step; every teacher loss is applied to every render. The names key the
             losses ("mvdream/mesh") and the settings below.
         base: the student's Stable Diffusion: a diffusers directory or hub id.
-        student_config: the student's sizes (see `prd_settings.resolve_student_config`); None: the
+        student_config: the student's sizes (see `settings.resolve_student_config`); None: the
             config.json beside `init_weights`, else the full-size defaults.
         init_weights: start from trained student weights instead of fresh adapters (fine-tuning): the
             released TriplaneTurbo checkpoint (`ZhiyuanthePony/TriplaneTurbo`, or a local
@@ -296,81 +292,6 @@ class PRDModule(pl.LightningModule):
             self.configure_model()
         return self.student
 
-    # ----------------------------------------------------------------------------------- parameters
-
-    def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
-        """Canonical name -> parameter of everything that trains: the student's adapters, conv_out and
-        MLPs, and any renderer / background parameters that require gradients. The frozen base and the
-        teachers never appear."""
-        student = self._require_student()
-        named = {f"student.{name}": p for name, p in student.trainable_state_dict().items()}
-        seen = {id(p) for p in named.values()}
-        for prefix, module in (("background", self.background), ("renderers", self.renderers)):
-            if module is None:
-                continue
-            for name, p in module.named_parameters(prefix=prefix):
-                if id(p) not in seen and p.requires_grad:
-                    seen.add(id(p))
-                    named[name] = p
-        return named
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.trainable_named_parameters().values())
-
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """Only the trainable weights (see `trainable_named_parameters`): what every checkpoint holds."""
-        if args:  # the deprecated positional form of nn.Module.state_dict
-            raise TypeError("PRDModule.state_dict takes keyword arguments only")
-        state = destination if destination is not None else {}
-        for name, p in self.trainable_named_parameters().items():
-            state[prefix + name] = p if keep_vars else p.detach()
-        return state
-
-    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
-        """Load trainable weights. Every trainable key must be present with its shape (else a one-line
-        error); keys of the frozen base are ignored; other keys are an error when `strict`."""
-        own = self.trainable_named_parameters()
-        missing = [key for key in own if key not in state_dict]
-        frozen = {name for name, _ in self.named_parameters(remove_duplicate=False)} | set(
-            super().state_dict(keep_vars=True)
-        )
-        unexpected = [key for key in state_dict if key not in own and key not in frozen]
-        wrong = [
-            f"{key} {tuple(state_dict[key].shape)} vs {tuple(p.shape)}"
-            for key, p in own.items()
-            if key in state_dict and tuple(state_dict[key].shape) != tuple(p.shape)
-        ]
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} trainable weight(s) missing ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
-        if unexpected and strict:
-            problems.append(f"{len(unexpected)} unknown key(s) ({', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''})")
-        if wrong:
-            problems.append(f"{len(wrong)} wrong shape(s) (checkpoint vs model: {', '.join(wrong[:5])})")
-        if problems:
-            raise CheckpointMismatchError(
-                f"checkpoint does not fit this PRDModule ({self.student.config_summary()}): {'; '.join(problems)}; "
-                "resume with the config that wrote it (student_config, renderers, background)"
-            )
-        with torch.no_grad():
-            for key, p in own.items():
-                p.copy_(state_dict[key].to(p.dtype))
-        return nn.modules.module._IncompatibleKeys([], unexpected)
-
-    # ------------------------------------------------------------------------------------- optimizer
-
-    def configure_optimizers(self):
-        params = self.trainable_parameters()
-        if self.optimizer_factory is None:
-            from pytorch_optimizer import Adan
-
-            optimizer = Adan(params, **REFERENCE_ADAN)
-        else:
-            optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
-
     # ------------------------------------------------------------------------------------ PRD batch
 
     def apply_schedules(self, step: int) -> None:
@@ -512,17 +433,6 @@ class PRDModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------- training
 
-    def _no_sync(self, sync: bool):
-        """DDP: skip the gradient all-reduce for every backward but the window's last one."""
-        model = getattr(self.trainer.strategy, "model", None)
-        if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            return model.no_sync()
-        return contextlib.nullcontext()
-
-    def _backward(self, loss: Tensor, sync: bool) -> None:
-        with self._no_sync(sync):
-            self.manual_backward(loss)
-
     def on_fit_start(self) -> None:
         # A job killed while writing a checkpoint must leave the previous one intact (see checkpoint_io).
         use_atomic_checkpoints(self.trainer)
@@ -555,13 +465,6 @@ class PRDModule(pl.LightningModule):
         if prompts:
             prepare(list(prompts))
 
-    def on_train_start(self) -> None:
-        if self._pending_grads:
-            own = self.trainable_named_parameters()
-            for name, grad in self._pending_grads.items():
-                own[name].grad = grad.to(own[name].device, own[name].dtype)
-        self._pending_grads = None
-
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         optimizer = self.optimizers()
         step = self.global_step
@@ -580,37 +483,6 @@ class PRDModule(pl.LightningModule):
             result.seconds.update(timer.seconds)
         self._log_training(result, len(batch["prompts"]), optimizer, stats)
 
-    def _optimizer_step(self, optimizer, step: int) -> dict[str, float]:
-        params = [p for p in self.trainable_parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        bad = bool(self._window_nonfinite) or not bool(torch.isfinite(grad_norm))
-        bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))  # any rank
-        batches, reasons = self._window_batches, self._window_nonfinite or ["gradient"]
-        self._window_batches, self._window_nonfinite = 0, []
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_skips += 1
-            self.consecutive_skips += 1
-            log.warning(
-                "non-finite %s at global step %d: optimizer step skipped, gradients of the last %d batch(es) dropped "
-                "(%d skipped step(s) so far)", ", ".join(reasons), step, batches, self.nonfinite_skips,
-            )  # fmt: skip
-            if self.consecutive_skips >= self.max_consecutive_skips:
-                raise RuntimeError(
-                    f"{self.consecutive_skips} optimizer steps in a row had non-finite losses or gradients "
-                    f"(last: {', '.join(reasons)}); training diverged: lower the learning rate or check the teachers"
-                )
-            return {"grad_norm": float("nan")}
-        if self.gradient_clip_val is not None and params:
-            torch.nn.utils.clip_grads_with_norm_(params, self.gradient_clip_val, grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        self.consecutive_skips = 0
-        return {"grad_norm": float(grad_norm)}
-
     def _log_training(self, result: PRDBatchResult, batch_size: int, optimizer, stats: dict[str, float]) -> None:
         metrics = {f"train/{key}": value for key, value in result.terms.items()}
         metrics.update({f"train/reg_raw/{key}": value for key, value in result.raw_regularizers.items()})
@@ -628,173 +500,8 @@ class PRDModule(pl.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss_bar", result.total, prog_bar=True, logger=False, batch_size=batch_size)
 
-    # ---------------------------------------------------------------------------------- checkpoints
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # state_dict() already holds only the trainable weights; the rest PRD needs to resume exactly:
-        state: dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT,
-            "nonfinite_skips": self.nonfinite_skips,
-            "consecutive_skips": self.consecutive_skips,
-            "window_batches": self._window_batches,
-            "window_nonfinite": list(self._window_nonfinite),
-            "student_config": self.student.config.to_dict(),
-        }
-        if self._window_batches:  # saved mid accumulation window: keep the gradients gathered so far
-            state["window_grads"] = {
-                name: p.grad.detach().cpu().clone()
-                for name, p in self.trainable_named_parameters().items()
-                if p.grad is not None
-            }
-        checkpoint[CHECKPOINT_KEY] = state
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if state is None:
-            log.warning("checkpoint has no %r section (not written by PRDModule?): counters start at 0", CHECKPOINT_KEY)
-            return
-        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
-        self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        self._window_batches = int(state.get("window_batches", 0))
-        self._window_nonfinite = list(state.get("window_nonfinite", []))
-        self._pending_grads = dict(state.get("window_grads", {})) or None
-
-    # ----------------------------------------------------------------------------------- validation
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_images_logged = self._val_meshes_logged = 0
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_clip_score("val")
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self._log_clip_score("test")
-
-    def generate(self, prompts: list[str], indices: Iterable[int]):
-        """The student's few-step sample for `prompts`, object i from noise seeded `validation.seed + indices[i]`."""
-        student = self._require_student()
-        text = student.encode_prompt(prompts)
-        noise = torch.cat([student.make_noise(1, seed=self.validation.seed + int(i)) for i in indices])
-        return student.sample(text, noise=noise, num_steps=self.num_steps), text
-
-    def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
-        # Lightning evaluates under inference_mode, where the volume renderer cannot take SDF gradients
-        # for its normals; plain no_grad is enough here.
-        with torch.inference_mode(False), torch.no_grad():
-            self._evaluate_batch(batch, stage)
-
-    def _evaluate_batch(self, batch: Mapping[str, Any], stage: str) -> None:
-        settings = self.validation
-        prompts = list(batch["prompts"])
-        indices = [int(i) for i in batch["indices"]]
-        batch_size = len(prompts)
-        device = self.student.device
-        field, text = self.generate(prompts, indices)
-
-        if settings.teacher_losses:
-            generator = torch.Generator().manual_seed(int(batch["seed"]))
-            self._attach_generator(generator)
-            renders = self.render_all(field, self.sample_cameras(batch_size, generator, device), text)
-            losses = self.teachers(list(renders.values()), prompts, self.global_step, generator)
-            if losses:
-                self.log_dict({f"{stage}/{k}": float(v) for k, v in losses.items()}, batch_size=batch_size, sync_dist=True)
-                self.log(f"{stage}/teacher_loss", float(sum(float(v) for v in losses.values())), batch_size=batch_size, sync_dist=True)
-
-        cameras = evaluation_cameras(
-            settings.num_views,
-            batch_size=batch_size,
-            elevation=settings.elevation,
-            distance=settings.distance,
-            fovy=settings.fovy,
-            height=settings.resolution,
-            width=settings.resolution,
-            device=device,
-        )
-        names = settings.renderers or list(self.renderers)
-        views = self.render_all(field, cameras, text, names=names, size=settings.resolution)
-        if self.clip_score is not None:
-            clip_name = settings.clip_renderer or names[0]
-            rendered = views[clip_name] if clip_name in views else self.render_all(field, cameras, text, [clip_name], settings.resolution)[clip_name]
-            self.clip_score.update(rendered["rgb"].float().clamp(0, 1), prompts)
-        self._log_artifacts(stage, field, views, prompts, indices)
-
-    def _experiment(self):
-        """The TensorBoard SummaryWriter on rank 0 (None otherwise: images and meshes are skipped)."""
-        if self.global_rank != 0 or self.logger is None:
-            return None
-        experiment = getattr(self.logger, "experiment", None)
-        return experiment if hasattr(experiment, "add_image") else None
-
-    def _log_artifacts(self, stage: str, field, views: Mapping[str, RenderOutput], prompts: list[str], indices: list[int]) -> None:
-        writer = self._experiment()
-        if writer is None:
-            return
-        settings = self.validation
-        step = self.global_step
-        for b, (prompt, index) in enumerate(zip(prompts, indices, strict=True)):
-            if self._val_images_logged >= settings.log_images:
-                break
-            tag = f"{index:04d}_{slugify(prompt, 40)}"
-            for name, render in views.items():
-                grid = render_grid({key: image[b] for key, image in render.images.items()})
-                writer.add_image(f"{stage}_render_{name}/{tag}", grid, step)
-            writer.add_text(f"{stage}_prompts/{tag}", prompt, step)
-            self._val_images_logged += 1
-        wanted = min(len(prompts), settings.log_meshes - self._val_meshes_logged)
-        if wanted > 0 and hasattr(writer, "add_mesh"):
-            from renderers.marching_cubes import extract_mesh
-
-            meshes = extract_mesh(field, resolution=settings.mesh_resolution)
-            colors = mesh_colors(field, meshes)
-            for b in range(wanted):
-                if meshes[b].num_faces == 0:
-                    continue
-                tag = f"{indices[b]:04d}_{slugify(prompts[b], 40)}"
-                writer.add_mesh(f"{stage}_meshes/{tag}", global_step=step, **tensorboard_mesh(meshes[b], colors[b]))
-                self._val_meshes_logged += 1
-
-    def _log_clip_score(self, stage: str) -> None:
-        if self.clip_score is None or not self.clip_score.update_count:
-            return
-        values = self.clip_score.compute()
-        self.log(f"{stage}/clip_score", values["clip_score"])
-        self.log(f"{stage}/clip_recall_at_1", values["recall_at_1"])
-        self.clip_score.reset()
-
     # --------------------------------------------------------------------------------------- export
 
     def save_student(self, directory: str | os.PathLike) -> Path:
         """Write the student's trainable weights + config.json (loadable by `prd generate --weights DIR`)."""
         return self._require_student().save_pretrained(directory)
-
-
-def export_student_weights(checkpoint_path: str | os.PathLike, directory: str | os.PathLike) -> Path:
-    """Turn a PRD training checkpoint into student weights (`model.safetensors` + `config.json`) without
-    building any model: the `student.*` entries of its state dict and the student config it recorded."""
-    from safetensors.torch import save_file
-
-    from lightning_modules.weights import CONFIG_NAME, OWN_FORMAT, SAFETENSORS_NAME, StudentConfig
-
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    section = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not isinstance(section, dict) or "student_config" not in section:
-        raise UserError(f"{path} is not a PRDModule training checkpoint (no state_dict / {CHECKPOINT_KEY!r} section)")
-    weights = {k.removeprefix("student."): v.contiguous() for k, v in state.items() if k.startswith("student.")}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(directory / SAFETENSORS_NAME), metadata={"format": OWN_FORMAT})
-    StudentConfig.from_dict(section["student_config"], source=str(path)).to_json(directory / CONFIG_NAME)
-    return directory

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from lightning_modules.adapters import AdapterRanks
-from lightning_modules.weights import StudentConfig, StudentWeightsError
+from lightning_modules.student.adapters import AdapterRanks
+from lightning_modules.student.config import StudentConfig, StudentWeightsError
 
 
 @dataclass
@@ -124,6 +124,7 @@ _FLAT_KEYS = {
     "n_feature_dims",
     "deformable_grid",
     "isosurface_resolution",
+    "student_class",
 }
 
 
@@ -152,7 +153,8 @@ def resolve_student_config(spec: dict | str | os.PathLike | StudentConfig | None
     (`space_generator_config`, `mlp_network_config`, ...) or the flat form with keys
     ranks (int or {self_attn, cross_attn, locon}), output_dim, mlp_neurons, mlp_hidden_layers,
     latent_size (both sides) / latent_height / latent_width, latent_channels, num_inference_steps,
-    n_feature_dims, deformable_grid, isosurface_resolution.
+    n_feature_dims, deformable_grid, isosurface_resolution, student_class (the import path of a
+    `TriplaneStudent` subclass that brings another representation).
     """
     if spec is None or isinstance(spec, StudentConfig):
         return spec
@@ -180,7 +182,10 @@ def resolve_student_config(spec: dict | str | os.PathLike | StudentConfig | None
     if size is not None:
         kwargs["latent_height"] = kwargs["latent_width"] = int(size)
     for key, value in values.items():
-        kwargs[key] = bool(value) if key == "deformable_grid" else int(value)
+        if key == "student_class":
+            kwargs[key] = value
+        else:
+            kwargs[key] = bool(value) if key == "deformable_grid" else int(value)
     return StudentConfig(**kwargs)
 
 

@@ -13,6 +13,7 @@ decoded without the VAE scaling factor. Only the adapters, the new VAE conv_out 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,18 +23,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.adapters import (
+from lightning_modules.student.adapters import (
     NUM_PLANES,
     adapters_disabled,
     add_triplane_adapters,
     is_adapter_parameter,
     merge_adapters,
 )
-from lightning_modules.triplane_field import TriplaneField, VanillaMLP
-from lightning_modules.weights import (
+from lightning_modules.student.config import StudentConfig, StudentWeightsError
+from lightning_modules.student.triplane_field import TriplaneField, VanillaMLP
+from lightning_modules.student.weights import (
     WEIGHTS_FILENAME,
-    StudentConfig,
-    StudentWeightsError,
     load_student_weights,
     resolve_base,
     resolve_weights,
@@ -67,12 +67,6 @@ class SamplerTrace:
     latents: Tensor | None = None  # = x0[-1], what is decoded
 
 
-def _is_trainable_name(name: str) -> bool:
-    return name.startswith(_TRAINABLE_PREFIXES) or (
-        name.startswith(("unet.", "vae.")) and is_adapter_parameter(name)
-    )
-
-
 class TriplaneStudent(nn.Module):
     """The TriplaneTurbo generator: text embedding + 6 noise planes per object -> `TriplaneField`.
 
@@ -80,7 +74,14 @@ class TriplaneStudent(nn.Module):
     encoder; decoder with adapters and a new `conv_out`), `text_encoder` / `tokenizer` (optional, CLIP),
     `sdf_network`, `feature_network`, `deformation_network` (bias-free ReLU MLPs).
     Build it with `from_pretrained`, or from modules (e.g. on the meta device) with the constructor.
+
+    A subclass brings another representation: it returns its own `renderers.types.Field` from `decode` and
+    lists the names of any new trainable modules in `trainable_prefixes` (they then train, and are saved and
+    loaded with the adapters).
     """
+
+    # Parameter-name prefixes of what trains besides the adapters: the MLPs and the new VAE conv_out.
+    trainable_prefixes: tuple[str, ...] = _TRAINABLE_PREFIXES
 
     def __init__(
         self,
@@ -139,7 +140,7 @@ class TriplaneStudent(nn.Module):
         self.noise_scheduler = DDPMScheduler.from_config(scheduler_config)  # training: add_noise
         self.sample_scheduler = DDIMScheduler.from_config(scheduler_config)  # sampling: eta 0
         for name, p in self.named_parameters():
-            p.requires_grad_(_is_trainable_name(name))
+            p.requires_grad_(self._is_trainable(name))
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -163,7 +164,8 @@ class TriplaneStudent(nn.Module):
                  checkpoint file (official .pth layout or own .safetensors), a directory written by
                  `save_pretrained`, or a hub id (`ZhiyuanthePony/TriplaneTurbo`, file `weights_filename`).
         config:  StudentConfig or a config.json path; default: config.json beside the weights, else the
-                 full-size defaults.
+                 full-size defaults. Its `student_class` (an import path) builds that subclass instead: how a
+                 second representation comes in (README, "Adding a representation").
         device, dtype: where the model runs (float32 by default; the reference ran in float32).
         """
         weights_file, config_path = (None, None)
@@ -177,6 +179,7 @@ class TriplaneStudent(nn.Module):
             base = config.base_model_name_or_path
             if config_path is not None and (Path(config_path).parent / base).exists():
                 base = Path(config_path).parent / base
+        cls = _student_class(cls, config)
         base_dir = resolve_base(base)
         unet, vae, text_encoder, tokenizer, scheduler_config = _load_base(base_dir, load_text_encoder)
         student = cls(unet, vae, text_encoder, tokenizer, scheduler_config, config)
@@ -205,13 +208,18 @@ class TriplaneStudent(nn.Module):
 
     # ---------------------------------------------------------------------------------- parameters
 
+    def _is_trainable(self, name: str) -> bool:
+        return name.startswith(self.trainable_prefixes) or (
+            name.startswith(("unet.", "vae.")) and is_adapter_parameter(name)
+        )
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Adapters, the new VAE conv_out and the MLPs (the base stays frozen)."""
-        return (p for name, p in self.named_parameters() if _is_trainable_name(name))
+        return (p for name, p in self.named_parameters() if self._is_trainable(name))
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """name -> parameter (not copies) of everything that trains, under the student's module names."""
-        return {name: p for name, p in self.named_parameters() if _is_trainable_name(name)}
+        return {name: p for name, p in self.named_parameters() if self._is_trainable(name)}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
         """Strict inverse of `trainable_state_dict` (missing / unexpected / wrong-shape keys raise)."""
@@ -439,6 +447,23 @@ class TriplaneStudent(nn.Module):
         latents, trace = self.denoise(text_embeddings, noise, num_steps, generator, seed, return_intermediates=True)
         field = self.decode(latents)
         return (field, trace) if return_intermediates else field
+
+
+def _student_class(cls: type[TriplaneStudent], config: StudentConfig) -> type[TriplaneStudent]:
+    """The class `config.student_class` names (a subclass of `cls`), else `cls`."""
+    if config.student_class is None:
+        return cls
+    module_name, _, name = config.student_class.rpartition(".")
+    try:
+        chosen = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise StudentWeightsError(
+            f"student_class {config.student_class!r} cannot be imported ({type(err).__name__}: {err}); "
+            "give the import path of a TriplaneStudent subclass, e.g. 'my_package.my_module.MyStudent'"
+        ) from None
+    if not (isinstance(chosen, type) and issubclass(chosen, TriplaneStudent)):
+        raise StudentWeightsError(f"student_class {config.student_class!r} is not a subclass of TriplaneStudent")
+    return chosen if issubclass(chosen, cls) else cls
 
 
 def _load_base(base_dir: Path, load_text_encoder: bool):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference"
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "reference"
 FIXTURE_TOKENIZER = FIXTURES / "triplaneturbo_ref_A" / "base" / "tokenizer"
 FIXTURE_SCHEDULER = FIXTURES / "triplaneturbo_ref_A" / "base" / "scheduler"
 

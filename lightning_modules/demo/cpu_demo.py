@@ -82,9 +82,9 @@ def generate_and_measure(
 ) -> list[dict]:
     """Generate each prompt's mesh with the student saved in `weights` (prompt i: noise seed + i) and
     measure the exported file: `chamfer` to every target (`target_points[j]`, `[N, 3]`), `nearest` target."""
-    from lightning_modules.evaluate import load_mesh
-    from lightning_modules.generate import generate_meshes
+    from lightning_modules.evaluation.meshes import load_mesh
     from lightning_modules.student import TriplaneStudent
+    from lightning_modules.student.generation import generate_meshes
     from teachers.shapes import chamfer_distance, sample_mesh_surface
 
     student = TriplaneStudent.from_pretrained(base, weights=weights)
@@ -115,8 +115,9 @@ def format_table(prompts, targets, before, after, nearest) -> str:
 def run(argv: list[str]) -> int:
     from lightning.pytorch.cli import LightningCLI
 
-    from lightning_modules.cli import UserError, _quiet_model_loading
-    from lightning_modules.tiny_models import build_demo_base
+    from lightning_modules.cli.main import _quiet_model_loading
+    from lightning_modules.demo.tiny_models import build_demo_base
+    from renderers.errors import UserError
     from teachers.shapes import ShapePromptError, parse_shape_prompt, sample_surface_points
 
     args, overrides = build_parser().parse_known_args(argv)
@@ -188,7 +189,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lightning_modules.cli import UserError
+    from renderers.errors import UserError
 
     try:
         return run(list(sys.argv[1:] if argv is None else argv))

@@ -2,7 +2,7 @@
 
     trainer:
       plugins:
-        - class_path: lightning_modules.checkpoint_io.AtomicCheckpointIO
+        - class_path: lightning_modules.training.checkpoint_io.AtomicCheckpointIO
 
 Why Lightning's own writer is not enough. Lightning 2.6's `TorchCheckpointIO` (through
 `lightning.fabric.utilities.cloud_io._atomic_save`) serialises the whole checkpoint into memory, then writes it

@@ -1,0 +1,154 @@
+"""What a PRD checkpoint holds, and how it comes back: the trainable weights only, the accumulation window and
+the skip counters (a mixin of `PRDModule`), and `export_student_weights` (training checkpoint -> student weights).
+
+`state_dict()` holds only what trains (the student's adapters, the new VAE conv_out and the MLPs, a learned
+background), never the frozen base or the teachers; `load_state_dict` checks those keys strictly and says in one
+line (`CheckpointMismatchError`) when a checkpoint comes from another configuration. A checkpoint written in the
+middle of an accumulation window also holds the gradients gathered so far, put back in `on_train_start`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from renderers.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "prd"
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint's trainable weights do not fit this module's configuration (one-line message)."""
+
+
+class TrainableStateMixin:
+    """`PRDModule`'s trainable parameters, state dict and checkpoint hooks (uses its `student`, `background`,
+    `renderers`, skip counters and accumulation window)."""
+
+    def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
+        """Canonical name -> parameter of everything that trains: the student's adapters, conv_out and
+        MLPs, and any renderer / background parameters that require gradients. The frozen base and the
+        teachers never appear."""
+        student = self._require_student()
+        named = {f"student.{name}": p for name, p in student.trainable_state_dict().items()}
+        seen = {id(p) for p in named.values()}
+        for prefix, module in (("background", self.background), ("renderers", self.renderers)):
+            if module is None:
+                continue
+            for name, p in module.named_parameters(prefix=prefix):
+                if id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    named[name] = p
+        return named
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.trainable_named_parameters().values())
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only the trainable weights (see `trainable_named_parameters`): what every checkpoint holds."""
+        if args:  # the deprecated positional form of nn.Module.state_dict
+            raise TypeError("PRDModule.state_dict takes keyword arguments only")
+        state = destination if destination is not None else {}
+        for name, p in self.trainable_named_parameters().items():
+            state[prefix + name] = p if keep_vars else p.detach()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
+        """Load trainable weights. Every trainable key must be present with its shape (else a one-line
+        error); keys of the frozen base are ignored; other keys are an error when `strict`."""
+        own = self.trainable_named_parameters()
+        missing = [key for key in own if key not in state_dict]
+        frozen = {name for name, _ in self.named_parameters(remove_duplicate=False)} | set(
+            super().state_dict(keep_vars=True)
+        )
+        unexpected = [key for key in state_dict if key not in own and key not in frozen]
+        wrong = [
+            f"{key} {tuple(state_dict[key].shape)} vs {tuple(p.shape)}"
+            for key, p in own.items()
+            if key in state_dict and tuple(state_dict[key].shape) != tuple(p.shape)
+        ]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} trainable weight(s) missing ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
+        if unexpected and strict:
+            problems.append(f"{len(unexpected)} unknown key(s) ({', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''})")
+        if wrong:
+            problems.append(f"{len(wrong)} wrong shape(s) (checkpoint vs model: {', '.join(wrong[:5])})")
+        if problems:
+            raise CheckpointMismatchError(
+                f"checkpoint does not fit this PRDModule ({self.student.config_summary()}): {'; '.join(problems)}; "
+                "resume with the config that wrote it (student_config, renderers, background)"
+            )
+        with torch.no_grad():
+            for key, p in own.items():
+                p.copy_(state_dict[key].to(p.dtype))
+        return nn.modules.module._IncompatibleKeys([], unexpected)
+
+    def on_train_start(self) -> None:
+        if self._pending_grads:
+            own = self.trainable_named_parameters()
+            for name, grad in self._pending_grads.items():
+                own[name].grad = grad.to(own[name].device, own[name].dtype)
+        self._pending_grads = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # state_dict() already holds only the trainable weights; the rest PRD needs to resume exactly:
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "nonfinite_skips": self.nonfinite_skips,
+            "consecutive_skips": self.consecutive_skips,
+            "window_batches": self._window_batches,
+            "window_nonfinite": list(self._window_nonfinite),
+            "student_config": self.student.config.to_dict(),
+        }
+        if self._window_batches:  # saved mid accumulation window: keep the gradients gathered so far
+            state["window_grads"] = {
+                name: p.grad.detach().cpu().clone()
+                for name, p in self.trainable_named_parameters().items()
+                if p.grad is not None
+            }
+        checkpoint[CHECKPOINT_KEY] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            log.warning("checkpoint has no %r section (not written by PRDModule?): counters start at 0", CHECKPOINT_KEY)
+            return
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self._window_batches = int(state.get("window_batches", 0))
+        self._window_nonfinite = list(state.get("window_nonfinite", []))
+        self._pending_grads = dict(state.get("window_grads", {})) or None
+
+
+def export_student_weights(checkpoint_path: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """Turn a PRD training checkpoint into student weights (`model.safetensors` + `config.json`) without
+    building any model: the `student.*` entries of its state dict and the student config it recorded."""
+    from safetensors.torch import save_file
+
+    from lightning_modules.student.config import StudentConfig
+    from lightning_modules.student.weights import CONFIG_NAME, OWN_FORMAT, SAFETENSORS_NAME
+
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    section = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not isinstance(section, dict) or "student_config" not in section:
+        raise UserError(f"{path} is not a PRDModule training checkpoint (no state_dict / {CHECKPOINT_KEY!r} section)")
+    weights = {k.removeprefix("student."): v.contiguous() for k, v in state.items() if k.startswith("student.")}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(directory / SAFETENSORS_NAME), metadata={"format": OWN_FORMAT})
+    StudentConfig.from_dict(section["student_config"], source=str(path)).to_json(directory / CONFIG_NAME)
+    return directory
