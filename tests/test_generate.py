@@ -12,9 +12,9 @@ import torch
 import trimesh
 
 from lightning_modules.cli import main
-from lightning_modules.student import TriplaneStudent
 from lightning_modules.cli.generate import build_parser
 from lightning_modules.evaluation.meshes import load_mesh
+from lightning_modules.student import TriplaneStudent
 from lightning_modules.student.generation import StageTimer, generate_meshes
 from renderers.marching_cubes import extract_mesh
 
