@@ -13,7 +13,12 @@ import torch
 import yaml
 
 from lightning_modules.demo.cpu_demo import main
-from lightning_modules.demo.tiny_models import DEMO_BASE_MARKER, build_demo_base, toy_latent_images
+from lightning_modules.demo.tiny_models import (
+    DEMO_BASE_MARKER,
+    DemoBaseExistsError,
+    build_demo_base,
+    toy_latent_images,
+)
 from tests.prd_helpers import PRD_WARNING_FILTERS, single_thread  # noqa: F401  (fixture)
 from tests.test_prd_configs import demo_config_for_test
 
@@ -59,9 +64,15 @@ def test_demo_base_pretraining_makes_the_unet_a_denoiser_and_is_reused(tmp_path)
     stamp = unet_file.stat().st_mtime_ns
     build_demo_base(trained, PROMPTS, latent_size=8, steps=60, batch_size=8, log=None)  # same settings: reused
     assert unet_file.stat().st_mtime_ns == stamp
-    build_demo_base(trained, PROMPTS, latent_size=8, steps=1, batch_size=8, log=None)  # other settings: rebuilt
-    assert json.loads((trained / DEMO_BASE_MARKER).read_text())["steps"] == 1
-    assert unet_file.stat().st_mtime_ns != stamp
+    with pytest.raises(DemoBaseExistsError, match=r"other settings \(steps\).*--model.init_args.base"):
+        build_demo_base(trained, PROMPTS, latent_size=8, steps=1, batch_size=8, log=None)  # other settings: refused
+    assert json.loads((trained / DEMO_BASE_MARKER).read_text())["steps"] == 60
+    assert unet_file.stat().st_mtime_ns == stamp  # the base its students were trained on is untouched
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a base")
+    with pytest.raises(DemoBaseExistsError, match="is not a demo base"):
+        build_demo_base(tmp_path / "other", PROMPTS, latent_size=8, steps=1, batch_size=8, log=None)
+    assert not (tmp_path / "trained.partial").exists()
 
 
 @pytest.fixture
@@ -118,3 +129,25 @@ def test_demo_rejects_bad_input_with_one_line(demo_config, tmp_path, capsys):
     assert main(["--config", str(demo_config), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("demo: error: the demo measures shape prompts only:") and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--mesh-resolution", "0"], "--mesh-resolution must be >= 8, got 0"),
+        (["--num-points", "0"], "--num-points must be >= 1, got 0"),
+        (["--base-pretrain-steps", "-1"], "--base-pretrain-steps must be >= 0, got -1"),
+        (["--turntable-frames", "-1"], "--turntable-frames must be >= 1, got -1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--out", "FILE"], "is a file, not a folder"),
+    ],
+)
+def test_demo_checks_its_options_before_any_work(args, words, demo_config, tmp_path, capsys):
+    """Out-of-range options and an --out that is a file end in one line, exit 2, before a base is built."""
+    (tmp_path / "FILE").write_text("keep me")
+    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    assert main(["--config", str(demo_config), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("demo: error: ") and words in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "base").exists()  # nothing was built
+    assert (tmp_path / "FILE").read_text() == "keep me"

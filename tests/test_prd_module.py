@@ -431,3 +431,23 @@ def test_validation_logs_clip_score_of_the_evaluation_renders(tiny_sd_dir, tmp_p
     assert float(metrics["val/clip_score"]) == pytest.approx(float(values["clip_score"]), rel=1e-5)
     assert float(metrics["val/clip_recall_at_1"]) == pytest.approx(float(values["recall_at_1"]), rel=1e-5)
     assert module.clip_score.update_count == 0  # reset for the next validation
+
+
+def test_init_seed_fixes_the_students_starting_weights_whatever_the_global_seed(tiny_sd_dir):
+    from tests.prd_helpers import trainable_copy
+
+    def starting_weights(global_seed: int, init_seed: int | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        module = tiny_module(tiny_sd_dir, init_seed=init_seed)
+        module.configure_model()
+        after = torch.rand(3)  # the global RNG goes on as if the student had not been built when init_seed is set
+        return trainable_copy(module), after
+
+    (a, draw_a), (b, _) = starting_weights(1, init_seed=7), starting_weights(2, init_seed=7)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(1)
+    assert torch.equal(draw_a, torch.rand(3))
+    (c, _), (d, _) = starting_weights(1, init_seed=None), starting_weights(2, init_seed=None)
+    assert any(not torch.equal(c[k], d[k]) for k in c)  # without it the global seed decides
+    (e, _) = starting_weights(1, init_seed=8)
+    assert any(not torch.equal(a[k], e[k]) for k in a)

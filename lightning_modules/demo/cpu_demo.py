@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="noise seed of prompt i is seed + i, before and after training (default: %(default)s)")
     parser.add_argument("--min-reduction", type=float, default=0.5, help="required Chamfer reduction per prompt (default: %(default)s)")
     parser.add_argument("--num-points", type=int, default=5000, help="surface points per mesh for the Chamfer distance (default: %(default)s)")
-    parser.add_argument("--base-pretrain-steps", type=int, default=300, help="UNet pretraining steps of a newly built base model (default: %(default)s)")
+    parser.add_argument("--base-pretrain-steps", type=int, default=600, help="UNet pretraining steps of a newly built base model (default: %(default)s)")
     parser.add_argument("--turntable-frames", type=int, default=8, help="views in each turntable image (default: %(default)s)")
     parser.add_argument(
         "--threads", type=int, default=2,
@@ -112,10 +112,23 @@ def format_table(prompts, targets, before, after, nearest) -> str:
     return "\n".join(rows)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line `UserError` for an out-of-range option, before anything is built or trained."""
+    from renderers.errors import UserError
+
+    minimum = {"--mesh-resolution": (args.mesh_resolution, 8), "--num-points": (args.num_points, 1),
+               "--base-pretrain-steps": (args.base_pretrain_steps, 0), "--turntable-frames": (args.turntable_frames, 1),
+               "--threads": (args.threads, 1)}  # fmt: skip
+    for option, (value, low) in minimum.items():
+        if value < low:
+            raise UserError(f"{option} must be >= {low}, got {value}")
+
+
 def run(argv: list[str]) -> int:
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_modules.cli.main import _quiet_model_loading
+    from lightning_modules.cli.paths import output_folder
     from lightning_modules.demo.tiny_models import build_demo_base
     from renderers.errors import UserError
     from teachers.shapes import ShapePromptError, parse_shape_prompt, sample_surface_points
@@ -123,11 +136,10 @@ def run(argv: list[str]) -> int:
     args, overrides = build_parser().parse_known_args(argv)
     if not Path(args.config).is_file():
         raise UserError(f"config {args.config} not found: run from the repository root or pass --config PATH")
-    if args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    check_arguments(args)
+    out = output_folder(args.out)
     torch.set_num_threads(args.threads)
     _quiet_model_loading()
-    out = Path(args.out)
     start = time.perf_counter()
     cli = LightningCLI(
         args=["--config", args.config, *overrides],
@@ -144,7 +156,9 @@ def run(argv: list[str]) -> int:
         raise UserError(f"the demo measures shape prompts only: {err}") from None
     base = str(model.base)
     latent_size = int(model.student_config.latent_height)
-    build_demo_base(base, prompts, latent_size=latent_size, steps=args.base_pretrain_steps)
+    steps = int(model.num_steps or model.student_config.num_inference_steps)
+    timesteps = tuple(999 - k * (1000 // steps) for k in range(steps))  # the student's DDIM "leading" timesteps
+    build_demo_base(base, prompts, latent_size=latent_size, steps=args.base_pretrain_steps, timesteps=timesteps)
     built = time.perf_counter()
 
     trainer.callbacks.append(SaveUntrainedStudent(out / "student_untrained"))

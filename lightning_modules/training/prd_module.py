@@ -126,6 +126,9 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
             (atomic per-prompt files). 0 switches the preparation off.
         validation: what validation generates and logs (`ValidationSettings`).
         clip_score: an optional `CLIPScore3D` logged at the end of each validation run.
+        init_seed: draw the student's new weights (adapters, conv_out, MLPs) from this seed instead of the
+            global RNG, so that the model PRD starts from does not change with `seed_everything` (which then
+            varies the training draws only: noise, cameras, prompt order). None: the global RNG.
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         prepare_prompt_cache: int = 100_000,
         validation: ValidationSettings | None = None,
         clip_score: CLIPScore3D | None = None,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -175,6 +179,7 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         self.gradient_clip_val = gradient_clip_val
         self.max_consecutive_skips = int(max_consecutive_skips)
         self.prepare_prompt_cache = int(prepare_prompt_cache)
+        self.init_seed = init_seed
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
 
@@ -271,7 +276,10 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
             return
         from lightning_modules.student import TriplaneStudent
 
-        student = TriplaneStudent.from_pretrained(self.base, weights=self.init_weights, config=self.student_config)
+        with torch.random.fork_rng(enabled=self.init_seed is not None):
+            if self.init_seed is not None:
+                torch.manual_seed(self.init_seed)
+            student = TriplaneStudent.from_pretrained(self.base, weights=self.init_weights, config=self.student_config)
         if self.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         self.student = student.train()  # from_pretrained returns it in eval mode; Lightning keeps modes as found
