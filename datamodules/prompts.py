@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -344,7 +345,8 @@ class PromptDataModule(pl.LightningDataModule):
         batch_size: prompts per training batch on each rank.
         eval_batch_size: prompts per validation / test batch (``None``: batch_size).
         num_workers: DataLoader worker processes (they only read prompt text).
-        seed: seeds the per-epoch permutations and the per-batch seeds.
+        seed: seeds the per-epoch permutations and the per-batch seeds (the student's noise, cameras and
+            teacher draws). None: the global seed of `seed_everything` (Lightning's PL_GLOBAL_SEED), else 0.
         shuffle: shuffle training prompts every epoch (otherwise file order).
         drop_last: drop the epoch's tail that does not fill a batch on every rank (otherwise pad
             it by wrapping to the start of the epoch's order).
@@ -365,7 +367,7 @@ class PromptDataModule(pl.LightningDataModule):
         batch_size: int = 2,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
         shuffle: bool = True,
         drop_last: bool = False,
         strict: bool = False,
@@ -393,7 +395,9 @@ class PromptDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        if seed is None:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.seed, self.shuffle, self.drop_last = int(seed), shuffle, drop_last
         self.strict, self.max_prompt_chars = strict, max_prompt_chars
         self.json_field, self.prompt_format, self.cache_index = json_field, prompt_format, cache_index
         self._world_override = (world_size, rank or 0) if world_size is not None else None

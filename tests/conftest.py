@@ -26,9 +26,11 @@ _SEED_SALT = int(os.environ.get("PRD_TEST_SEED", "0"))
 
 
 @pytest.fixture(autouse=True)
-def seed_everything(request):
+def seed_everything(request, monkeypatch):
     """Seed torch, numpy and random before every test, from the test's own id: a test draws the same
-    numbers alone, in any order, and on any pytest-xdist worker."""
+    numbers alone, in any order, and on any pytest-xdist worker. Lightning's global seed (PL_GLOBAL_SEED,
+    set by `seed_everything`, read by PromptDataModule) does not leak from one test into the next."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     seed = (zlib.crc32(request.node.nodeid.encode()) + _SEED_SALT) % 2**32
     torch.manual_seed(seed)
     np.random.seed(seed)

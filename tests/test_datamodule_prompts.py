@@ -307,3 +307,18 @@ def test_lightning_cli_builds_it_from_yaml(tmp_path):
         ["a red ball", "a blue cube"],
     )
     assert dm.prompts("val") == ["a red ball", "a blue cube"]
+
+
+def test_seed_defaults_to_the_global_seed_of_seed_everything(monkeypatch):
+    prompts = ["a", "b", "c", "d"]
+    assert PromptDataModule(train_prompts=prompts).seed == 0  # no global seed set
+    pl.seed_everything(7, verbose=False)
+    assert PromptDataModule(train_prompts=prompts).seed == 7
+    assert PromptDataModule(train_prompts=prompts, seed=3).seed == 3  # an explicit seed wins
+
+    def first_batch(**kwargs):
+        dm = PromptDataModule(train_prompts=prompts, batch_size=2, **kwargs)
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))
+
+    assert first_batch()["seed"] == first_batch(seed=7)["seed"] != first_batch(seed=8)["seed"]
