@@ -1,4 +1,4 @@
-"""GPU check of `prd eval`: backend agreement of the evaluation renders, metric on CUDA, timings.
+"""GPU benchmark of `prd eval`: backend agreement of the evaluation renders, metric on CUDA, timings.
 
     .venv/bin/python benchmarks/eval_gpu.py [--device cuda] [--resolution 512] [--meshes 8]
 

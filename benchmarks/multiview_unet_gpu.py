@@ -1,4 +1,4 @@
-"""GPU check of the multi-view UNet (MVDream / RichDreamer): fixture agreement per dtype, full-size timings.
+"""GPU benchmark of the multi-view UNet (MVDream / RichDreamer): fixture errors per dtype, full-size timings.
 
     .venv/bin/python benchmarks/multiview_unet_gpu.py [--device cuda]
     MVDREAM_CKPT=pretrained/sd-v2.1-base-4view.pt RICHDREAMER_ND_CKPT=pretrained/nd_mv_ema.ckpt \
@@ -6,7 +6,8 @@
 
 Prints, per fixture and dtype, the max abs error to the original code's epsilon; then the time of one
 forward of the full-size released architectures (random weights unless the released files are given)
-on a guidance-sized batch: 2 objects x 4 views x (cond, uncond) = 16 images at 32 x 32.
+on a guidance-sized batch: 2 objects x 4 views x (cond, uncond) = 16 images at 32 x 32. The fixture
+tolerances per dtype are checked by `pytest -m gpu tests/test_gpu.py -k multiview`.
 """
 
 from __future__ import annotations

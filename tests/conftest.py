@@ -6,7 +6,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # One pytest-xdist worker per core: more threads than cores makes OpenMP spin and slows everything down.
-_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+# PRD_TEST_THREADS sets the count instead (scripts/mutation_check.py runs its tests on one thread).
+_THREADS = int(os.environ.get("PRD_TEST_THREADS", "0")) or max(
+    1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+)
 os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))  # also for the subprocesses tests start
 
 import random  # noqa: E402

@@ -62,15 +62,24 @@ def make_cameras(batch: int, views: int, height: int, width: int, seed: int = 0)
 
 
 def make_render(
-    batch: int = 2, views: int = 4, size: int = 12, renderer: str = "mesh", seed: int = 0, leaf: bool = True
+    batch: int = 2,
+    views: int = 4,
+    size: int = 12,
+    renderer: str = "mesh",
+    seed: int = 0,
+    leaf: bool = True,
+    cameras: Cameras | None = None,
 ) -> RenderOutput:
-    """Random images in [0, 1] ("rgb" 3, "normal" 3, "disparity" 1), leaf tensors requiring grad."""
+    """Random images in [0, 1] ("rgb" 3, "normal" 3, "disparity" 1), leaf tensors requiring grad, seen by
+    `cameras` (default: `make_cameras`)."""
     g = torch.Generator().manual_seed(seed + 100)
     images = {
         name: torch.rand(batch, views, channels, size, size, generator=g).requires_grad_(leaf)
         for name, channels in (("rgb", 3), ("normal", 3), ("disparity", 1))
     }
-    return RenderOutput(images, make_cameras(batch, views, size, size, seed), renderer)
+    if cameras is None:
+        cameras = make_cameras(batch, views, size, size, seed)
+    return RenderOutput(images, cameras, renderer)
 
 
 def fixture_cameras(fixture: Path) -> tuple[Cameras, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 - mvdream_ref_A / richdreamer_nd_ref_A: outputs of the ORIGINAL code, reproduced within 1e-4 (fp32);
 - other tiny configurations: an independent LDM-layout model (tests/ldm_multiview_reference.py,
-  itself checked against the fixtures) writes random checkpoints that MultiViewUNet must reproduce;
+  itself checked against both fixtures: test_independent_reference_model_reproduces_the_fixtures)
+  writes random checkpoints that MultiViewUNet must reproduce;
 - the full released key layouts (*_official_keys.txt) map onto the modules one-to-one;
 - one-line errors for missing / malformed files.
 """
@@ -81,6 +82,38 @@ def test_fixture_outputs_match_original_code(fixtures_dir, family):
     # the four cases really differ (a model ignoring cameras or views would fail above, not here)
     assert (outputs["eps"] - outputs["eps_camera_alt"]).abs().max() > 0.05
     assert (outputs["eps"] - outputs["eps_num_frames_1"]).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_independent_reference_model_reproduces_the_fixtures(fixtures_dir, family):
+    """tests/ldm_multiview_reference.py (no diffusers, no project code) loads each fixture's checkpoint
+    strictly, in the original key layout, and reproduces all four outputs of the original code: only then
+    is it a reference for the other configurations below."""
+    folder = fixtures_dir / family
+    params = yaml.safe_load((folder / "config.yaml").read_text())["model"]["params"]["unet_config"]["params"]
+    raw = torch.load(folder / "model.ckpt", map_location="cpu", weights_only=True)
+    raw = raw.get("state_dict", raw)  # RichDreamer wraps its state dict, MVDream does not
+    prefix = "model.diffusion_model."
+    reference = ReferenceMultiViewUNet(params).eval()
+    reference.load_state_dict({k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}, strict=True)
+    inputs, expected = fixture_tensors(fixtures_dir, family)
+    x, t, ctx, views = inputs["x"], inputs["timesteps"], inputs["context"], int(inputs["num_frames"])
+    cases = {
+        "eps": (inputs["camera"], views),
+        "eps_camera_alt": (inputs["camera_alt"], views),
+        "eps_num_frames_1": (inputs["camera"], 1),
+        "eps_no_camera": (None, views),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # its plain matmul / softmax attention stalls on a busy shared CPU otherwise
+    try:
+        with torch.no_grad():
+            outputs = {name: reference(x, t, ctx, camera, n) for name, (camera, n) in cases.items()}
+    finally:
+        torch.set_num_threads(threads)
+    for name, out in outputs.items():
+        err = (out - expected[name]).abs().max().item()
+        assert err <= FP32_ATOL, f"reference model, {family} {name}: max abs error {err:.2e}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

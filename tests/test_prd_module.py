@@ -96,7 +96,7 @@ def test_prd_batch_is_the_reference_loop(module):
         assert not torch.allclose(a["c2w"], b["c2w"])  # new cameras every step
 
     assert [sync for _, sync in backwards] == [False, False, False, True]
-    assert sum(loss for loss, _ in backwards) == pytest.approx(result.total, rel=1e-5)  # 1/4 per step
+    assert sum(loss for loss, _ in backwards) == pytest.approx(result.total, rel=1e-5)  # weight pinned below
     assert set(result.terms) == {"color/mesh", "color/volume", "reg/volume/eikonal", "reg/volume/sparsity"}
     assert result.terms["reg/volume/eikonal"] == pytest.approx(0.5 * result.raw_regularizers["volume/eikonal"], rel=1e-5)
     assert result.nonfinite == [] and set(result.seconds) == {"student", "render", "teacher", "backward"}
@@ -110,6 +110,75 @@ def test_prd_batch_is_the_reference_loop(module):
     assert all(v > 0 for v in norm.values()), norm  # the gradient reaches every trainable part
     frozen = [n for n, p in module.student.named_parameters() if not p.requires_grad and p.grad is not None]
     assert frozen == []
+
+
+@pytest.mark.parametrize("num_steps, loss_scale", [(None, 1.0), (2, 0.5)])
+def test_each_prd_step_backpropagates_its_loss_times_one_over_steps(module, num_steps, loss_scale):
+    """Pinned without the module's own `step_weight`: the gradient arriving at every render of step k is
+    the analytic gradient of ColorTeacher's loss, 2 (rgb - target) / numel, times 1 / steps (4 or 2
+    PRD steps, counted by hand) times the loss scale (1 / accumulate_grad_batches in training)."""
+    teacher = module.teachers.teachers["color"]
+    target = torch.tensor(teacher.target).view(1, 1, 3, 1, 1)
+    original = teacher.compute_losses
+    seen = []  # per teacher call (= PRD step): [(rgb values, gradients arriving at rgb)] per render
+
+    def probe(renders, prompts, step, generator):
+        entries = []
+        for render in renders:
+            rgb, arrived = render["rgb"], []
+            rgb.register_hook(lambda grad, arrived=arrived: arrived.append(grad.detach().clone()))
+            entries.append((rgb.detach().clone(), arrived))
+        seen.append(entries)
+        return original(renders, prompts, step, generator)
+
+    teacher.compute_losses = probe
+    saved_steps, module.num_steps = module.num_steps, num_steps
+    try:
+        _zero_grads(module)
+        module.run_prd_batch(BATCH, step=0, backward=lambda loss, sync: loss.backward(), loss_scale=loss_scale)
+    finally:
+        del teacher.compute_losses
+        module.num_steps = saved_steps
+        _zero_grads(module)
+    steps = 4 if num_steps is None else 2
+    assert len(seen) == steps
+    for entries in seen:
+        assert len(entries) == 2  # mesh and volume render
+        for rgb, arrived in entries:
+            assert len(arrived) == 1  # one backward per step reaches this step's renders, once
+            expected = 2 * (rgb - target) / rgb.numel() * (loss_scale / steps)
+            assert expected.abs().max() > 0
+            torch.testing.assert_close(arrived[0], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_no_gradient_crosses_from_a_prd_step_to_the_previous_ones(module):
+    """The detach between PRD steps, asserted directly: step k's loss has a gradient w.r.t. step k's x0
+    and none (not even a zero one) w.r.t. the x0 of any earlier step. Every graph is retained, so a
+    missing detach shows here as a gradient, not as a "backward through the graph a second time" error."""
+    student = module.student
+    original = student.predict_x0
+    predictions = []
+
+    def spy(noisy, t, text, **kw):
+        x0 = original(noisy, t, text, **kw)
+        predictions.append(x0)
+        return x0
+
+    reached = []
+
+    def backward(loss, sync):
+        grads = torch.autograd.grad(loss, predictions, allow_unused=True, retain_graph=True)
+        reached.append([g is not None and bool(g.abs().sum() > 0) for g in grads])
+        loss.backward(retain_graph=True)
+
+    student.predict_x0 = spy
+    try:
+        _zero_grads(module)
+        module.run_prd_batch(BATCH, step=0, backward=backward)
+    finally:
+        del student.predict_x0
+        _zero_grads(module)
+    assert reached == [[False] * k + [True] for k in range(4)]
 
 
 def test_prd_batch_is_determined_by_the_batch_seed(module):

@@ -132,6 +132,47 @@ def test_adapters_sit_on_every_resnet_and_sampler_conv(student):
     assert order[-1].path == "vae.decoder.conv_out"
 
 
+def test_every_lora_layer_is_w_plus_b_a_at_scale_one_whatever_its_rank(student):
+    """Ranks 3 / 5 / 2 (self-attention incl. VAE attention / cross-attention / LoCon): each module is wrapped
+    with one default rank, the others differ from it (peft rank_pattern / alpha_pattern). The reference
+    uses alpha = rank everywhere, so every layer must compute W x + B A x: checked against the layer's own
+    weights combined by hand (Linear: x A^T B^T; Conv2d: k x k down conv with the base conv's stride and
+    padding, then the 1 x 1 up conv), for every layer, whatever its rank."""
+    import torch.nn.functional as F
+    from peft.tuners.lora import LoraLayer
+
+    from lightning_modules.student.adapters import ADAPTER_NAME
+
+    g = torch.Generator().manual_seed(0)
+    for root, attention_rank in ((student.unet, 5), (student.vae.decoder, 3)):
+        ranks = set()
+        for name, layer in root.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            assert not layer.merged, name
+            base, down, up = layer.base_layer, layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+            rank = down.weight.shape[0]
+            is_attention = any(name.endswith(p) for p in (".to_q", ".to_k", ".to_v", ".to_out.0"))
+            assert rank == (attention_rank if is_attention else 2), name
+            ranks.add(rank)
+            assert up.weight.abs().max() > 0, name  # randomised: the LoRA term is not zero
+            with torch.no_grad():
+                if isinstance(base, torch.nn.Linear):
+                    x = torch.randn(3, base.in_features, generator=g)
+                    plain = F.linear(x, base.weight, base.bias)
+                    lora = x @ down.weight.T @ up.weight.T
+                else:
+                    x = torch.randn(2, base.in_channels, 6, 6, generator=g)
+                    conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
+                    plain = F.conv2d(x, base.weight, base.bias, **conv)
+                    lora = F.conv2d(F.conv2d(x, down.weight, **conv), up.weight)
+                got = layer(x)
+            scale = float((plain + lora).abs().max())
+            assert lora.abs().max() > 1e-2 * scale, name  # a wrong LoRA scale would show far above the tolerance
+            torch.testing.assert_close(got, plain + lora, rtol=1e-5, atol=1e-6 * scale, msg=name)
+        assert ranks == {attention_rank, 2}  # mixed ranks in both modules: the pattern case is exercised
+
+
 def test_official_layout_round_trip(student, inputs, base_dir, tmp_path):
     path = tmp_path / "ckpt" / "triplane_turbo.pth"
     path.parent.mkdir()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from renderers.cameras import resized
 from renderers.types import RenderOutput
 from teachers.base import Teacher, TeacherWeightsNotFoundError
 from teachers.ensemble import TeacherEnsemble
@@ -289,14 +290,41 @@ def test_richdreamer_camera_vectors_match_the_fixture(nd_sd_dir, cache_dir, mode
         torch.testing.assert_close(view[:, :3, 3].norm(dim=-1), cameras.distance.flatten(), atol=1e-5, rtol=0)
 
 
-def independent_multiview_grad(teacher, x, prompts, cameras, step, concat=None):
-    """The teacher's gradient recomputed from its last timesteps / noise with direct UNet calls."""
+def clip_text_embeddings(sd_dir, prompts: list[str]) -> torch.Tensor:
+    """`last_hidden_state` [B, 77, D] of the SD directory's CLIP text encoder, straight from transformers
+    (the conditioning of the reference guidance), not through the project's prompt processor / cache."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(sd_dir, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(sd_dir, subfolder="text_encoder").eval()
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        return encoder(ids).last_hidden_state
+
+
+def fixture_render(fixture, size: int, seed: int = 0):
+    """A random 2 objects x 4 views render seen by the fixture's cameras, and the camera vectors the
+    ORIGINAL code fed its UNet for those cameras (inputs.safetensors "camera")."""
+    cameras, vectors = fixture_cameras(fixture)
+    return make_render(size=size, seed=seed, cameras=resized(cameras, size, size)), vectors
+
+
+def fixture_alphas_cumprod(fixture) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(fixture / "expected.safetensors"))["alphas_cumprod"]
+
+
+def independent_multiview_grad(teacher, x, text, camera, abar, cfg_scale, concat=None):
+    """The teacher's gradient recomputed with direct UNet calls from its last timesteps / noise and
+    independently built conditioning: text = (cond, uncond) [B, 77, D] from `clip_text_embeddings`, the
+    fixture's camera vectors [B * 4, 16], the fixture's alphas_cumprod and a hand-evaluated CFG scale
+    (ASD with "dmd" weighting, eps 0.1: x0 estimates from the clean latent, normalised by mean |x - x0_cfg|)."""
     out = teacher.last_output
-    unet, abar = teacher.frozen["unet"], teacher.alphas_cumprod
-    processor = teacher.prompt_processor
-    cond = processor.get(prompts).repeat_interleave(4, 0)
-    uncond = processor.get([teacher.negative_prompt] * len(prompts)).repeat_interleave(4, 0)
-    camera = teacher.camera_condition(cameras)
+    unet = teacher.frozen["unet"]
+    cond, uncond = (e.repeat_interleave(4, 0) for e in text)
     t, t_plus, noise = out.timesteps, out.timesteps_plus, out.noise
     a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
     x_t = a * x + s * noise
@@ -309,7 +337,7 @@ def independent_multiview_grad(teacher, x, prompts, cameras, step, concat=None):
         else:
             ap, sp = abar[t_plus].sqrt().view(-1, 1, 1, 1), (1 - abar[t_plus]).sqrt().view(-1, 1, 1, 1)
             eps_2nd = unet(ap * x + sp * noise, t_plus, cond, camera, num_frames=4, **extra)
-    eps_cfg = eps_u + teacher.objective.cfg_scale(step) * (eps_c - eps_u)
+    eps_cfg = eps_u + cfg_scale * (eps_c - eps_u)
     x0_cfg, x0_2nd = (x - s * eps_cfg) / a, (x - s * eps_2nd) / a
     w = (x - x0_cfg).abs().mean(dim=(1, 2, 3), keepdim=True)
     return (x0_2nd - x0_cfg) / (w + 0.1)
@@ -317,7 +345,7 @@ def independent_multiview_grad(teacher, x, prompts, cameras, step, concat=None):
 
 def test_mvdream_fixture_teacher_gradient(mv_sd_dir, cache_dir):
     teacher = mv_teacher(mv_sd_dir, cache_dir, sample_posterior=False)
-    render = make_render(size=20)
+    render, camera = fixture_render(MV_FIXTURE, size=20)
     step = 10000
     loss = teacher(render, PROMPTS, step, torch.Generator().manual_seed(2))["mvdream"]
     assert teacher.objective.cfg_scale(step) == pytest.approx(15.0)  # CFG 20 -> 10 over 20k steps
@@ -329,7 +357,12 @@ def test_mvdream_fixture_teacher_gradient(mv_sd_dir, cache_dir):
         teacher.frozen["vae"], render["rgb"].detach().flatten(0, 1), teacher.resolution, False, None
     )
     assert x.shape[-1] == unet_params(MV_FIXTURE)["image_size"]
-    expected = independent_multiview_grad(teacher, x, PROMPTS, render.cameras, step)
+    text = (
+        clip_text_embeddings(mv_sd_dir, PROMPTS),
+        clip_text_embeddings(mv_sd_dir, [teacher.negative_prompt] * 2),
+    )
+    abar = fixture_alphas_cumprod(MV_FIXTURE)
+    expected = independent_multiview_grad(teacher, x, text, camera, abar, cfg_scale=15.0)  # halfway 20 -> 10
     assert expected.abs().max() > 1e-3
     torch.testing.assert_close(teacher.last_output.grad, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loss.detach(), 0.5 * expected.square().sum() / 4, atol=1e-3, rtol=1e-4)
@@ -338,7 +371,7 @@ def test_mvdream_fixture_teacher_gradient(mv_sd_dir, cache_dir):
 @pytest.mark.parametrize("minus_one_one", [False, True])
 def test_richdreamer_fixture_teacher_gradient(nd_sd_dir, cache_dir, minus_one_one):
     teacher = nd_teacher(nd_sd_dir, cache_dir, map_to_minus_one_one=minus_one_one)
-    render = make_render(size=24)
+    render, camera = fixture_render(ND_FIXTURE, size=24)
     loss = teacher(render, PROMPTS, 0, torch.Generator().manual_seed(3))["richdreamer_nd"]
     assert teacher.last_output.timesteps_plus is not None  # asd with plus_ratio 0.1
     loss.backward()
@@ -346,7 +379,12 @@ def test_richdreamer_fixture_teacher_gradient(nd_sd_dir, cache_dir, minus_one_on
     maps = torch.cat([render["normal"].detach(), render["disparity"].detach()], dim=2).flatten(0, 1)
     x = F.adaptive_avg_pool2d(maps, size)
     x = 2 * x - 1 if minus_one_one else x
-    expected = independent_multiview_grad(teacher, x, PROMPTS, render.cameras, 0)
+    text = (
+        clip_text_embeddings(nd_sd_dir, PROMPTS),
+        clip_text_embeddings(nd_sd_dir, [teacher.negative_prompt] * 2),
+    )
+    abar = fixture_alphas_cumprod(ND_FIXTURE)
+    expected = independent_multiview_grad(teacher, x, text, camera, abar, cfg_scale=20.0)
     torch.testing.assert_close(teacher.last_output.grad, expected, atol=1e-4, rtol=1e-4)
     # d loss / d maps = pooling VJP of the teacher's grad / 4 views (times 2 for the [-1, 1] mapping);
     # the teacher's grad itself was compared with the independent one above.
@@ -394,7 +432,7 @@ def test_richdreamer_albedo_teacher_uses_disparity_as_a_condition(mv_sd_dir, cac
         prompt_cache_dir=cache_dir,
         text_encoder_device="cpu",
     )
-    render = make_render(size=20)
+    render, camera = fixture_render(ND_FIXTURE, size=20)  # same camera convention as the ND model
     loss = teacher(render, PROMPTS, 0, torch.Generator().manual_seed(4))["richdreamer_albedo"]
     loss.backward()
     assert nonzero_views(render["rgb"].grad).all()
@@ -404,10 +442,17 @@ def test_richdreamer_albedo_teacher_uses_disparity_as_a_condition(mv_sd_dir, cac
     )
     disparity = render["disparity"].detach().flatten(0, 1)
     concat = F.interpolate(2 * disparity - 1, size=x.shape[-2:], mode="nearest")
-    expected = independent_multiview_grad(teacher, x, PROMPTS, render.cameras, 0, concat=concat)
+    text = (
+        clip_text_embeddings(mv_sd_dir, PROMPTS),
+        clip_text_embeddings(mv_sd_dir, [teacher.negative_prompt] * 2),
+    )
+    abar = fixture_alphas_cumprod(
+        MV_FIXTURE
+    )  # the albedo yaml is the MVDream fixture's with 5 input channels
+    expected = independent_multiview_grad(teacher, x, text, camera, abar, 20.0, concat=concat)
     torch.testing.assert_close(teacher.last_output.grad, expected, atol=1e-4, rtol=1e-4)
     without_depth = independent_multiview_grad(
-        teacher, x, PROMPTS, render.cameras, 0, concat=torch.zeros_like(concat)
+        teacher, x, text, camera, abar, 20.0, concat=torch.zeros_like(concat)
     )
     assert (without_depth - expected).abs().max() > 1e-3  # the disparity channel matters
     cameras, nd_vectors = fixture_cameras(ND_FIXTURE)  # same camera convention as the ND model

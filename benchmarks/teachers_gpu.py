@@ -1,15 +1,16 @@
-"""GPU check of the teachers (run by hand on a CUDA machine; not a test).
+"""GPU benchmark of the teachers (run by hand on a CUDA machine; not a test).
 
-    .venv/bin/python benchmarks/teachers_gpu_check.py                       # tiny models (fixtures)
-    .venv/bin/python benchmarks/teachers_gpu_check.py --sd pretrained/stable-diffusion-2-1-base \
+    .venv/bin/python benchmarks/teachers_gpu.py                             # tiny models (fixtures)
+    .venv/bin/python benchmarks/teachers_gpu.py --sd pretrained/stable-diffusion-2-1-base \
         --mvdream pretrained/sd-v2.1-base-4view.pt --nd pretrained/nd_mv_ema.ckpt \
         --sd15 pretrained/stable-diffusion-v1-5                             # + released weights, full size
 
 For every teacher x dtype (float32 / float16 / bfloat16) x offload (off / on) it runs one forward +
-backward on CUDA renders (2 prompts x 4 views) and checks: the loss is a finite float32 scalar, the
-render gradient is finite, non-zero and on CUDA; with offload the frozen weights are back on the
-CPU after the call and the CUDA memory returns to its level before the call once backward is done;
-without offload they stay on CUDA. Prints one JSON line per case (timings in ms) and a summary.
+backward on CUDA renders (2 prompts x 4 views) and prints one JSON line per case: forward / backward
+times (ms), the frozen weights' size, where they are after the call and after the backward, the CUDA
+memory left after the backward and the peak. The pass / fail checks of the tiny cases (finite float32
+loss, finite non-zero CUDA gradients, offload back to the CPU with the memory released) are tests:
+`pytest -m gpu tests/test_gpu.py -k teacher`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def cuda_render(size: int, seed: int = 0) -> RenderOutput:
     return RenderOutput(images, cameras.to("cuda"), "mesh")
 
 
-def check(name: str, build, size: int, dtype: str, offload: bool) -> dict:
+def measure(name: str, build, size: int, dtype: str, offload: bool) -> dict:
     teacher = build(dtype=dtype, offload=offload)
     render = cuda_render(size)
     teacher(render, PROMPTS, 0)  # warm-up: loading, prompt encoding, kernels
@@ -87,13 +88,7 @@ def check(name: str, build, size: int, dtype: str, offload: bool) -> dict:
         "cuda_mb_left_after_backward": round(leftover_mb, 1),
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
     }
-    ok = bool(grads) and all(g.is_cuda and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    # With offload the weights leave the GPU once the backward that still reads them is done.
-    if offload:
-        ok &= devices_after_backward == {"cpu"} and leftover_mb < 0.5 * weights_mb + 8
-    else:
-        ok &= devices_after_call == devices_after_backward == {"cuda:0"}
-    result["ok"] = bool(ok)
+    result["finite_gradients"] = bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)
     print(json.dumps(result), flush=True)
     del teacher
     torch.cuda.empty_cache()
@@ -167,20 +162,19 @@ def main() -> int:
             256,
         )
 
-    results = []
+    errors = 0
     for name, (build, size) in cases.items():
         for dtype in ("float32", "float16", "bfloat16"):
             for offload in (False, True):
                 try:
-                    results.append(check(name, build, size, dtype, offload))
+                    measure(name, build, size, dtype, offload)
                 except Exception as err:  # report and go on with the other cases
                     print(
                         json.dumps({"teacher": name, "dtype": dtype, "offload": offload, "error": repr(err)})
                     )
-                    results.append({"ok": False})
-    failed = sum(not r["ok"] for r in results)
-    print(f"{len(results) - failed}/{len(results)} cases ok")
-    return 1 if failed else 0
+                    errors += 1
+    print(f"{errors} case(s) raised an error")
+    return 0
 
 
 if __name__ == "__main__":
