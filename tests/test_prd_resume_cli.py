@@ -89,3 +89,59 @@ def test_demo_config_resumed_with_ckpt_path_last_equals_the_uninterrupted_run(de
     assert not problems, problems[:5]
     assert _schedule(tmp_path / "split") == _schedule(tmp_path / "full")  # the same batches, prompts and seeds
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "split"]
+    # the run's checkpoint names the base it was trained on, and `prd generate --weights` reads its student
+    # (the demo's, not the full-size defaults) and finds that base without --base
+    assert full["prd"]["student_config"]["base_model_name_or_path"] == str(Path(demo_base).resolve())
+    gen = tmp_path / "full" / "generated"
+    assert main(["generate", "a large red ball", "--weights", str(tmp_path / "full" / "checkpoints" / "last.ckpt"),
+                 "--out", str(gen), "--resolution", "16", "--no-progress"]) == 0
+    assert len(list(gen.glob("*.glb"))) == 1
+
+
+def _capture_fit(monkeypatch) -> list:
+    """Replace Trainer.fit by a recorder of (model, ckpt_path): what `prd fit` would train, without training."""
+    import lightning.pytorch as pl
+
+    calls = []
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, model, datamodule=None, ckpt_path=None, **kw: calls.append((model, ckpt_path)))
+    return calls
+
+
+def test_resumed_fit_refuses_structural_changes_and_takes_the_rest_from_the_checkpoint(
+    tiny_sd_dir, tmp_path, monkeypatch, capsys, caplog
+):
+    calls = _capture_fit(monkeypatch)
+    config = _demo_config(tiny_sd_dir, tmp_path / "run")
+    assert main(["fit", "--config", str(config)]) == 0
+    hparams = dict(calls[0][0].hparams)
+    assert hparams["student_config"]["output_dim"] == 16 and hparams["gradient_clip_val"] == 1.0
+    # a checkpoint with the run's hyper-parameters, where `--ckpt_path last` finds it (fit is a recorder: no
+    # weights load, so the checkpoint needs no more)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "hyper_parameters": hparams, "global_step": 1}, last)
+
+    for ckpt_path in ("last", str(last)):  # the checkpoint named either way
+        calls.clear()
+        capsys.readouterr()
+        code = main(["fit", "--config", str(config), "--ckpt_path", ckpt_path,
+                     "--model.init_args.student_config.output_dim", "8"])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and not calls, ckpt_path
+        assert err[-1].startswith("prd: error: --ckpt_path") and "model.student_config.output_dim: 16 in the checkpoint, 8 now" in err[-1]
+        if ckpt_path == "last":
+            continue  # the rest does not depend on how the checkpoint was named: the file as in the issue
+
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            code = main(["fit", "--config", str(config), "--ckpt_path", ckpt_path, "--model.init_args.gradient_clip_val",
+                         "0.25", "--model.init_args.optimizer.init_args.lr", "0.5"])  # fmt: skip
+        assert code == 0 and len(calls) == 1, ckpt_path
+        model, passed = calls[0]
+        assert model.gradient_clip_val == 1.0 and model.hparams["optimizer"]["init_args"]["lr"] == 3e-3
+        assert passed == ckpt_path
+        notices = [m for m in caplog.messages if m.startswith("resume: ")]
+        assert notices == [
+            "resume: model.gradient_clip_val = 1.0 from the checkpoint (this run's config: 0.25)",
+            "resume: model.optimizer.init_args.lr = 0.003 from the checkpoint (this run's config: 0.5)",
+        ], (ckpt_path, notices)

@@ -33,6 +33,99 @@ class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's trainable weights do not fit this module's configuration (one-line message)."""
 
 
+class CheckpointFileError(UserError, ValueError):
+    """A checkpoint path that is missing, a folder, truncated, corrupt or not a training checkpoint (one line)."""
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_checkpoint(path: str | os.PathLike, option: str = "--ckpt_path") -> dict[str, Any]:
+    """The checkpoint at `path`, memory-mapped (cheap also for GB-sized files; `weights_only=True`), or a
+    one-line `CheckpointFileError` when it is missing, a folder, truncated, corrupt or not a Lightning
+    training checkpoint (no `state_dict`)."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise CheckpointFileError(f"{option} {str(path)!r} is a folder, not a checkpoint file")
+    if not file.is_file():
+        raise CheckpointFileError(f"{option} {str(path)!r}: no such checkpoint file")
+    checkpoint = None
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:  # files of the legacy (non-zip) format cannot be memory-mapped
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointFileError(
+                f"{option} {str(path)!r} is not a readable checkpoint (truncated, corrupt or not a PyTorch "
+                f"checkpoint: {_one_line(err)}); resume from another checkpoint or start without --ckpt_path"
+            ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointFileError(
+            f"{option} {str(path)!r} is not a Lightning training checkpoint (no state_dict): resume from a "
+            "checkpoint that `prd fit` wrote"
+        )
+    return checkpoint
+
+
+# Hyper-parameters of PRDModule a resumed run must share with its checkpoint: they fix which weights train and
+# their shapes (base, student, learned background), or the layout of the optimizer / scheduler state. A renderer
+# counts by its name and class (its settings are not structural). Every other hyper-parameter is not structural.
+STRUCTURAL_HPARAMS = ("base", "student_config", "background", "renderers", "optimizer.class_path", "lr_scheduler.class_path")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        flat = {}
+        for key, item in value.items():
+            if not str(key).startswith("_"):
+                flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _structural(key: str) -> bool:
+    if key.startswith("renderers."):  # renderers.<name>.class_path (or a renderer given as a plain value)
+        parts = key.split(".")
+        return len(parts) == 2 or parts[2] == "class_path"
+    return any(key == s or key.startswith(s + ".") for s in STRUCTURAL_HPARAMS if s != "renderers")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, also when one side is the command line's text of the other (`--model...student_config.ranks 4`
+    reaches a dict-typed argument as the string "4")."""
+    if a == b:
+        return True
+    if isinstance(a, str) != isinstance(b, str):
+        import yaml
+
+        text, other = (a, b) if isinstance(a, str) else (b, a)
+        try:
+            return yaml.safe_load(text) == other
+        except yaml.YAMLError:
+            return False
+    return False
+
+
+def hparam_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[list[tuple], list[tuple]]:
+    """(structural, other) differences between a checkpoint's hyper-parameters and this run's, each a list of
+    (dotted key, checkpoint value, this run's value); a key missing on one side has the value None there."""
+    a, b = _flatten(dict(stored)), _flatten(dict(current))
+    renderers = ({k.split(".")[1] for k in a if k.startswith("renderers.")}, {k.split(".")[1] for k in b if k.startswith("renderers.")})
+    structural, other = [], []
+    if renderers[0] != renderers[1]:
+        structural.append(("renderers", sorted(renderers[0]), sorted(renderers[1])))
+    for key in sorted(set(a) | set(b)):
+        if _same_value(a.get(key), b.get(key)):
+            continue
+        if key.startswith("renderers.") and key.split(".")[1] not in renderers[0] & renderers[1]:
+            continue  # reported once, as the set of renderers
+        (structural if _structural(key) else other).append((key, a.get(key), b.get(key)))
+    return structural, other
+
+
 class TrainableStateMixin:
     """`PRDModule`'s trainable parameters, state dict and checkpoint hooks (uses its `student`, `background`,
     `renderers`, skip counters and accumulation window)."""
