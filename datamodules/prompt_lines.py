@@ -72,18 +72,26 @@ class BadLineReport:
         if len(self.examples) < SHOWN_BAD_LINES:
             self.examples.append(f"{location} ({description})")
 
-    def warn(self) -> None:
-        if not self.count:
-            return
+    def summary(self, where: str = "") -> str:
+        """'3 bad prompt line(s)[ in <where>] (empty prompt: 2, invalid UTF-8: 1); first: p.txt:2 (empty prompt), ...'."""
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.by_reason.items()))
         more = ", ..." if self.count > len(self.examples) else ""
-        log.warning(
-            "skipped %d bad prompt line(s) in %s (%s); first: %s%s",
-            self.count,
-            self.name,
-            reasons,
-            ", ".join(self.examples),
-            more,
+        where = f" in {where}" if where else ""
+        return f"{self.count} bad prompt line(s){where} ({reasons}); first: {', '.join(self.examples)}{more}"
+
+    def warn(self) -> None:
+        if self.count:
+            log.warning("skipped %s", self.summary(self.name))
+
+    def no_prompt_error(self) -> PromptFileError:
+        """The error for a source without a single valid prompt (what was skipped, if anything)."""
+        skipped = ""
+        if self.count:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.by_reason.items()))
+            skipped = f"; its {self.count} line(s) are all bad ({reasons}; first: {self.examples[0]})"
+        return PromptFileError(
+            f"{self.name} holds no valid prompt{skipped}: write one prompt per line (UTF-8, at most "
+            f"{self.max_chars} characters)"
         )
 
     def to_json(self) -> str:
@@ -398,8 +406,12 @@ def load_line_file(
             log.info("ignoring unreadable prompt index cache %s (%s)", cache, err)
     if offsets is None:
         offsets = build_line_index(path, fmt, field_name=field_name, max_chars=max_chars, report=report)
+        if not len(offsets):
+            raise report.no_prompt_error()  # before caching: nothing is written next to an unusable file
         if cache_index:
             _write_index_cache(cache, key, offsets, report)
+    if not len(offsets):
+        raise report.no_prompt_error()
     report.warn()
     return LinePromptFile(path, fmt, offsets, field_name)
 

@@ -10,6 +10,10 @@ Formats (picked from the file extension unless a format is forced):
   or a bare JSON string per line.
 - anything else: plain text, one prompt per line (surrounding whitespace is stripped).
 
+A file without a single valid prompt (empty, whitespace only, every line bad) is a one-line
+:class:`PromptFileError`, as is a missing file or a folder (:class:`PromptSourceNotFoundError`); an inline
+list may be empty (e.g. ``val_prompts: []``: no validation).
+
 Text and JSONL files are never loaded: one streaming pass builds an int64 array of the byte
 offsets of the valid lines (8 bytes per prompt), optionally cached next to the file as
 ``<file>.prompt-index.npz`` keyed by the file's size and mtime, and prompts are read on demand with
@@ -37,6 +41,13 @@ from datamodules.prompt_lines import (
 )
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "prompt_sets"
+
+
+class PromptSourceNotFoundError(PromptFileError, FileNotFoundError):
+    """A prompt source that names no file (or a folder), one-line message."""
+
+    def __str__(self) -> str:  # FileNotFoundError would otherwise format (errno, strerror)
+        return str(self.args[0]) if self.args else ""
 PromptFormat = Literal["auto", "json", "jsonl", "text"]
 
 
@@ -99,10 +110,13 @@ def _clean_entries(
     return prompts
 
 
-def json_splits(path: Path) -> list[str] | None:
-    """The split names of a DreamFusion-layout JSON file, or None for a bare list."""
+def json_splits(path: Path, non_empty: bool = False) -> list[str] | None:
+    """The split names of a DreamFusion-layout JSON file (`non_empty`: only those of non-empty lists), or None
+    for a bare list."""
     data = _read_json(path)
-    return list(data) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    return [name for name, entries in data.items() if not non_empty or (isinstance(entries, list) and entries)]
 
 
 def _read_json(path: Path) -> object:
@@ -134,6 +148,9 @@ def load_json_prompts(
     if not isinstance(entries, list):
         raise PromptFileError(f"{where} is not a list of prompts")
     prompts = _clean_entries(entries, where, field_name, report)
+    if not prompts:
+        report.name = where
+        raise report.no_prompt_error()
     report.warn()
     return InMemoryPrompts(prompts, name)
 
@@ -165,12 +182,16 @@ def resolve_path(spec: str) -> tuple[Path, str | None]:
         path = Path(name).expanduser()
         if path.is_file():
             return path, split
+        if path.is_dir():
+            raise PromptSourceNotFoundError(
+                f"prompt source {spec!r} is a folder, not a file: give a .json / .jsonl / .txt file"
+            )
         if os.sep not in name and "/" not in name:
             for ext in ("", ".json", ".jsonl", ".txt"):
                 bundled = BUNDLED_DIR / f"{name}{ext}"
                 if bundled.is_file():
                     return bundled, split
-    raise FileNotFoundError(
+    raise PromptSourceNotFoundError(
         f"prompt source {spec!r} not found: give a .json / .jsonl / .txt file path, 'file.json#split', "
         f"or a bundled set ({', '.join(bundled_names())})"
     )

@@ -44,13 +44,20 @@ from datamodules.prompt_sources import (
     PromptFileError,
     PromptFormat,
     PromptSource,
+    PromptSourceNotFoundError,
     detect_format,
     json_splits,
     load_prompt_source,
     resolve_path,
 )
+from renderers.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class PromptDataSettingsError(UserError, ValueError):
+    """A `PromptDataModule` argument out of its range (one-line message)."""
+
 
 _TRAIN, _VAL, _TEST = 0, 1, 2  # domain tags of the derived seeds
 _SEED_MASK = (1 << 64) - 1
@@ -379,17 +386,20 @@ class PromptDataModule(pl.LightningDataModule):
         rank: int | None = None,
     ):
         super().__init__()
+        bad = PromptDataSettingsError
         for name, value in (("batch_size", batch_size), ("max_prompt_chars", max_prompt_chars)):
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise bad(f"data: {name} must be at least 1, got {value}")
         if eval_batch_size is not None and eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be at least 1 or null, got {eval_batch_size}")
+            raise bad(f"data: eval_batch_size must be at least 1 or null, got {eval_batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise bad(f"data: num_workers must be >= 0, got {num_workers}")
+        if world_size is not None and world_size < 1:
+            raise bad(f"data: world_size must be at least 1 or null, got {world_size}")
         if world_size is not None and not 0 <= (rank or 0) < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+            raise bad(f"data: rank must be in [0, world_size={world_size}), got {rank}")
         if rank is not None and world_size is None:
-            raise ValueError("rank was given without world_size: give both or neither")
+            raise bad("data: rank was given without world_size: give both or neither")
         self.save_hyperparameters(logger=False)
         self.train_prompts, self.val_prompts, self.test_prompts = train_prompts, val_prompts, test_prompts
         self.batch_size = batch_size
@@ -416,7 +426,7 @@ class PromptDataModule(pl.LightningDataModule):
             return spec
         path, _ = resolve_path(self.train_prompts)
         if detect_format(path, self.prompt_format) == "json":
-            splits = json_splits(path)
+            splits = json_splits(path, non_empty=True)
             if splits is not None and split in splits:
                 return f"{path}#{split}"
         return None
@@ -473,9 +483,12 @@ class PromptDataModule(pl.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------
 
-    def train_layout(self) -> TrainLayout:
+    def train_layout(self, world_size: int | None = None) -> TrainLayout:
+        """How the training prompts fill the global batches (`world_size`: None, the current world)."""
         source = self.prompt_source("train")
-        world_size, _ = self.world()
+        if source is None or len(source) == 0:
+            raise PromptFileError("data: train_prompts holds no prompt: give a prompt file or a list of prompts")
+        world_size = self.world()[0] if world_size is None else world_size
         layout = TrainLayout(
             len(source), self.batch_size, world_size, self.drop_last, self.seed, self.shuffle
         )
@@ -485,6 +498,14 @@ class PromptDataModule(pl.LightningDataModule):
                 f"{world_size} rank(s) with drop_last=True; add prompts, lower batch_size or set drop_last=False"
             )
         return layout
+
+    def check_sources(self, stage: str = "fit", world_size: int | None = None) -> None:
+        """Open the prompt libraries `stage` reads and check they fill a batch: a missing, empty or unreadable
+        library is a one-line `PromptFileError` before any model loads (`prd fit` calls it up front)."""
+        for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}.get(stage, ()):
+            self.prompt_source(split)
+        if stage == "fit":
+            self.train_layout(world_size)
 
     def train_dataloader(self) -> PromptDataLoader:
         layout = self.train_layout()
@@ -526,7 +547,9 @@ __all__ = [
     "PromptBatchDataset",
     "PromptDataLoader",
     "PromptDataModule",
+    "PromptDataSettingsError",
     "PromptFileError",
+    "PromptSourceNotFoundError",
     "TrainBatchSampler",
     "EvalBatchSampler",
     "EvalDataLoader",

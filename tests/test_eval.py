@@ -87,11 +87,23 @@ def test_match_truncated_names_and_ambiguity(tmp_path):
     long_prompt = "a very long prompt about a castle on a hill with many towers and flags"
     export_mesh(tmp_path / f"{slugify(long_prompt)[:40]}.ply", *box())
     assert match_meshes(tmp_path, [long_prompt])[0] is not None
-    export_mesh(tmp_path / "sub" / f"{slugify(long_prompt)}.ply", *box())
+    export_mesh(tmp_path / f"0001_{slugify(long_prompt)}.ply", *box())
     with pytest.raises(UserError, match="several meshes match"):
         match_meshes(tmp_path, [long_prompt])
     with pytest.raises(UserError, match="same file-name slug"):
         match_meshes(tmp_path, ["a cat!", "a cat?"])
+
+
+def test_folder_with_subfolders_takes_its_top_level_and_says_so(tmp_path, caplog):
+    """`prd eval --meshes outputs/demo`: the trained meshes at the top level, other copies in untrained/."""
+    for prompt in PROMPTS[:2]:
+        export_mesh(tmp_path / f"{slugify(prompt)}.glb", *box())
+        export_mesh(tmp_path / "untrained" / f"{slugify(prompt)}.glb", *box())
+    with caplog.at_level("WARNING"):
+        found = match_meshes(tmp_path, PROMPTS[:2])
+    assert [p.parent for p in found] == [tmp_path, tmp_path]
+    assert "top level only" in caplog.text and "untrained/" in caplog.text
+    # (without meshes at the top level the subfolders are searched: test_match_by_file_name_index_prefix_...)
 
 
 def test_match_by_manifest_and_csv(tmp_path):
@@ -267,6 +279,28 @@ def test_missing_meshes_and_bad_arguments(mesh_dir, prompts_file, tiny_clip_dir,
     assert "not found" in capsys.readouterr().err
 
 
+def test_allow_missing_also_skips_unreadable_meshes_and_reports_each(mesh_dir, tiny_clip_dir, tmp_path, capsys):
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    for path in sorted(mesh_dir.iterdir())[:3]:
+        (meshes / path.name).write_bytes(path.read_bytes())
+    broken = sorted(meshes.iterdir())[1]
+    broken.write_bytes(b"o not a mesh\nf 1 2\n")  # an OBJ without a single triangle
+    prompts = tmp_path / "three.txt"
+    prompts.write_text("\n".join(PROMPTS[:3]) + "\n")
+    args = _base_args(meshes, prompts, tiny_clip_dir, tmp_path / "o")
+    assert _run(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and broken.name in err[0] and "--allow-missing" in err[0]
+    assert _run(args + ["--allow-missing"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"prd eval: skipped prompt 1 {PROMPTS[1]!r}: ") and broken.name in err[0]
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["num_prompts"] == 2 and [u["prompt"] for u in results["unreadable"]] == [PROMPTS[1]]
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "## Not evaluated (1)" in report and f"| 1 | {PROMPTS[1]} | " in report and broken.name in report
+
+
 def test_out_that_is_a_file_is_a_one_line_error(mesh_dir, prompts_file, tiny_clip_dir, tmp_path, capsys):
     existing = tmp_path / "results.json"
     existing.write_text("{}")
@@ -309,6 +343,7 @@ def test_generate_mode_generates_missing_meshes_resumably(prompts_file, tiny_cli
 
     monkeypatch.setattr("lightning_modules.student.generation.generate_meshes", fake_generate_meshes)
     monkeypatch.setattr("lightning_modules.student.TriplaneStudent", FakeStudent)
+    (tmp_path / "w.safetensors").write_bytes(b"")  # checked to exist before anything loads; never read here
     args = [
         "--weights", str(tmp_path / "w.safetensors"), "--prompts", str(prompts_file), "--out", str(tmp_path / "g"),
         "--clip-model", f"local-dir:{tiny_clip_dir}", "--resolution", "32", "--no-progress", "--device", "cpu",

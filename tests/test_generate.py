@@ -1,7 +1,6 @@
 """`prd generate` end to end on the tiny reference model (tests/fixtures/reference/triplaneturbo_ref_A)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -152,23 +151,26 @@ def test_out_that_cannot_be_written_is_one_line_error(tmp_path, capsys, no_model
     assert str(tmp_path / "o") in line and "cannot write into the folder (Read-only file system)" in line
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
-def test_out_in_a_read_only_folder_is_one_line_error(tmp_path, capsys, no_model_loads):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        code, _, err = _run(["a cat", "--out", str(locked)], capsys)
-        assert "cannot write into the folder" in _one_line_error(code, err)
-        code, _, err = _run(["a cat", "--out", str(locked / "new")], capsys)
-        assert "cannot create the folder" in _one_line_error(code, err)
-    finally:
-        locked.chmod(0o755)
+def test_out_that_cannot_be_created_is_one_line_error(tmp_path, capsys, no_model_loads, monkeypatch):
+    """A folder that cannot be created (read-only parent, permissions): simulated, as root can write anywhere."""
+    target = tmp_path / "locked" / "new"
+    real_mkdir = type(target).mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == target:
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(target), "mkdir", mkdir)
+    code, _, err = _run(["a cat", "--out", str(target)], capsys)
+    line = _one_line_error(code, err)
+    assert str(target) in line and "cannot create the folder (Permission denied)" in line
+    assert not target.exists()
 
 
 def test_unreadable_prompts_file_is_one_line_error(tmp_path, capsys, no_model_loads):
     code, _, err = _run(["--prompts-file", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
-    assert f"cannot read prompts file {tmp_path}" in _one_line_error(code, err)
+    assert f"prompt source '{tmp_path}' is a folder, not a file" in _one_line_error(code, err)
 
 
 def test_console_script_exit_code(tmp_path):

@@ -13,13 +13,17 @@ Matching mesh files to prompts (--meshes), the first rule that applies:
   1. --mesh-map FILE.csv with columns `prompt,file` (relative paths are relative to the CSV);
   2. MESH_DIR/manifest.json (as `prd generate` writes it): {"prompt": "file", ...} or a list of
      {"prompt": ..., "file" | "path" | "mesh": ...} (relative paths are relative to MESH_DIR);
-  3. file names: a mesh file (.glb .gltf .obj .ply, searched recursively) matches a prompt when its
+  3. file names: a mesh file (.glb .gltf .obj .ply) of the folder's top level (when the top level holds none:
+     of its subfolders, at any depth; files in subfolders beside top-level meshes are left out, with a warning) matches a prompt when its
      stem, or its folder's name (the reference's <prompt>/model.obj layout), equals the prompt
      slugified (lower case, runs of other characters -> "_"), optionally after a "0042_" index prefix;
      a name of 32+ characters also matches a prompt whose slug it starts (truncated names).
 
 Outputs in --out: results.json, per_prompt.csv, report.md with contact_sheet.png and
 score_histogram.png, renders/<index>_<slug>/az<deg>.png, and (generate mode) meshes/.
+Prompt files follow the project's one policy (README, "Prompt files"): bad lines are skipped with a warning
+naming them; a file without a valid prompt is an error. --allow-missing skips prompts without a mesh and
+prompts whose mesh cannot be read, each listed in report.md and results.json ("missing", "unreadable").
 An interrupted run resumes: finished prompts are kept in progress.jsonl (with their image embeddings)
 and renders already on disk are reused; rerun the same command.
 """
@@ -27,6 +31,7 @@ and renders already on disk are reused; rerun the same command.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -35,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.cli.paths import output_folder
+from lightning_modules.cli.arguments import CommandParser, float_in, int_at_least
+from lightning_modules.cli.paths import input_file, input_folder, output_folder
 from lightning_modules.evaluation.meshes import match_meshes
 from lightning_modules.evaluation.protocol import RenderProtocol
 from lightning_modules.evaluation.run import check_run_config, embed_renders, generate_missing_meshes, score
@@ -60,13 +66,8 @@ def load_prompts(spec: str, split: str | None) -> tuple[list[str], str]:
     return prompts, Path(source.name).name
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one-line user error instead of usage + exit
-        raise UserError(f"eval: {message} (see prd eval --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CommandParser(
         prog="prd eval",
         description="CLIP score and Recall@1 of generated or given meshes (see the module docstring for details).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -78,21 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", required=True, help="bundled set name (dreamfusion415), .json, .jsonl or .txt")
     parser.add_argument("--split", default="test", help="list to take from a JSON file with splits")
     parser.add_argument("--out", required=True, help="output folder (rerun with the same one to resume)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    parser.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N prompts")
     parser.add_argument("--mesh-map", default=None, help="CSV with columns prompt,file (--meshes mode)")
-    parser.add_argument("--allow-missing", action="store_true", help="skip prompts without a mesh instead of failing")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="skip prompts without a mesh or with an unreadable mesh (each listed in the report) instead of failing")
     parser.add_argument("--mesh-frame", choices=("viewer", "world"), default="viewer",
                         help="axes of the mesh files: viewer (+y up, front +z) or world (+z up, front +x)")
     # protocol
-    parser.add_argument("--views", type=int, default=RenderProtocol.num_views, help="azimuths per mesh")
-    parser.add_argument("--elevation", type=float, default=RenderProtocol.elevation, help="degrees")
-    parser.add_argument("--distance", type=float, default=RenderProtocol.distance, help="camera distance")
-    parser.add_argument("--fov", type=float, default=RenderProtocol.fovy, help="vertical field of view, degrees")
-    parser.add_argument("--resolution", type=int, default=RenderProtocol.resolution, help="render size in pixels")
-    parser.add_argument("--azimuth-start", type=float, default=RenderProtocol.azimuth_start, help="first azimuth, degrees")
+    parser.add_argument("--views", type=int_at_least(1, 360), default=RenderProtocol.num_views, help="azimuths per mesh")
+    parser.add_argument("--elevation", type=float_in(-90, 90), default=RenderProtocol.elevation, help="degrees")
+    parser.add_argument("--distance", type=float_in(0, math.inf, low_open=True, high_open=True), default=RenderProtocol.distance, help="camera distance")
+    parser.add_argument("--fov", type=float_in(0, 180, low_open=True, high_open=True), default=RenderProtocol.fovy, help="vertical field of view, degrees")
+    parser.add_argument("--resolution", type=int_at_least(8, 4096), default=RenderProtocol.resolution, help="render size in pixels")
+    parser.add_argument("--azimuth-start", type=float_in(-360, 360), default=RenderProtocol.azimuth_start, help="first azimuth, degrees")
     parser.add_argument("--normalize", choices=("box", "none"), default=RenderProtocol.normalize,
                         help="box: fit each mesh's bounding box into [-bound, bound]^3")
-    parser.add_argument("--bound", type=float, default=RenderProtocol.bound)
+    parser.add_argument("--bound", type=float_in(0, math.inf, low_open=True, high_open=True), default=RenderProtocol.bound,
+                        help="half-size of the box meshes are scaled into (> 0)")
     # CLIP
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, local-dir:PATH or hf-hub:ID")
     parser.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag (or a weights file)")
@@ -102,15 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption-prefix", default="A photo depicts ",
                         help="text put before each prompt (the reference script uses 'A photo depicts' with no space)")
     # generation
-    parser.add_argument("--seed", type=int, default=0, help="generation seed")
-    parser.add_argument("--batch-size", type=int, default=4, help="prompts per generation batch")
-    parser.add_argument("--mesh-resolution", type=int, default=160, help="marching-cubes grid for generation")
+    parser.add_argument("--seed", type=int_at_least(0, 2**62), default=0, help="generation seed")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="prompts per generation batch")
+    parser.add_argument("--mesh-resolution", type=int_at_least(4, 1024), default=160, help="marching-cubes grid for generation")
     parser.add_argument("--mesh-format", choices=("glb", "obj", "ply"), default="glb")
     # running
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--renderer", choices=("auto", "torch", "nvdiffrast"), default="auto",
                         help="rasteriser backend (auto: nvdiffrast on CUDA when installed, else PyTorch)")
-    parser.add_argument("--max-sheet-rows", type=int, default=16, help="prompts shown on the contact sheet")
+    parser.add_argument("--max-sheet-rows", type=int_at_least(1), default=16, help="prompts shown on the contact sheet")
     parser.add_argument("--overwrite", action="store_true", help="discard a previous run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -128,11 +131,23 @@ def _protocol_from_args(args: argparse.Namespace) -> RenderProtocol:
         bound=args.bound,
         mesh_frame=args.mesh_frame,
     )
-    if protocol.num_views < 1 or protocol.resolution < 8:
-        raise UserError("--views must be >= 1 and --resolution >= 8")
-    if not 0 < protocol.fovy < 180 or protocol.distance <= 0:
-        raise UserError("--fov must be in (0, 180) degrees and --distance > 0")
+    if protocol.normalize == "box" and protocol.distance <= protocol.bound * 3**0.5:
+        raise UserError(
+            f"--distance {protocol.distance:g} puts the camera inside the box of half-size --bound {protocol.bound:g}: "
+            f"use a distance above {protocol.bound * 3**0.5:.3g} or a smaller --bound"
+        )
     return protocol
+
+
+def _check_missing(prompts: Sequence[str], meshes: Sequence[Path | None], allow_missing: bool) -> None:
+    missing = [p for p, m in zip(prompts, meshes, strict=True) if m is None]
+    if missing and not allow_missing:
+        raise UserError(
+            f"{len(missing)} of {len(prompts)} prompts have no mesh (first: {missing[0]!r}); see `prd eval --help` "
+            "for how files are matched, or pass --allow-missing"
+        )
+    if len(missing) == len(prompts):
+        raise UserError("no prompt has a mesh to evaluate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,16 +157,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     started = time.time()
     progress = not args.no_progress
+    # Every argument is checked before any model loads or any mesh is rendered.
     protocol = _protocol_from_args(args)
     prompts, prompts_name = load_prompts(args.prompts, args.split)
     if args.limit is not None:
-        if args.limit < 1:
-            raise UserError(f"--limit must be at least 1, got {args.limit}")
         prompts = prompts[: args.limit]
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    out_dir = output_folder(args.out, "--out")
     device = resolve_device(args.device)
+    if args.weights:
+        from lightning_modules.student.weights import check_local_paths
+
+        check_local_paths(args.base, args.weights)
+    if args.meshes:
+        input_folder(args.meshes, "--meshes", "mesh folder")
+    if args.mesh_map:
+        input_file(args.mesh_map, "--mesh-map", "CSV file")
+    if args.clip_checkpoint:
+        input_file(args.clip_checkpoint, "--clip-checkpoint", "CLIP weights file")
+    meshes: list[Path | None] = []
+    if args.meshes:
+        meshes = match_meshes(args.meshes, prompts, args.mesh_map)
+        _check_missing(prompts, meshes, args.allow_missing)
+    out_dir = output_folder(args.out, "--out")
 
     has_schema = args.clip_model.startswith(("local-dir:", "hf-hub:"))  # open_clip ignores the tag then
     clip_settings = {
@@ -176,19 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     metric.clip_model.to(device)
 
     if args.weights:
-        meshes: list[Path | None] = list(generate_missing_meshes(args, prompts, out_dir, progress))
-    else:
-        meshes = match_meshes(args.meshes, prompts, args.mesh_map)
+        meshes = list(generate_missing_meshes(args, prompts, out_dir, progress))
+        _check_missing(prompts, meshes, args.allow_missing)
     missing = [p for p, m in zip(prompts, meshes, strict=True) if m is None]
-    if missing and not args.allow_missing:
-        raise UserError(
-            f"{len(missing)} of {len(prompts)} prompts have no mesh (first: {missing[0]!r}); see `prd eval --help` "
-            "for how files are matched, or pass --allow-missing"
-        )
-    if len(missing) == len(prompts):
-        raise UserError("no prompt has a mesh to evaluate")
 
-    records = embed_renders(prompts, meshes, out_dir, protocol, metric, device, progress, args.renderer)
+    unreadable: list[dict] = []
+    records = embed_renders(
+        prompts, meshes, out_dir, protocol, metric, device, progress, args.renderer,
+        unreadable=unreadable if args.allow_missing else None,
+    )
+    for item in unreadable:
+        print(f"prd eval: skipped prompt {item['index']} {item['prompt']!r}: {item['error']}", file=sys.stderr)
+    if not records:
+        raise UserError(f"no prompt has a readable mesh to evaluate (first: {unreadable[0]['error']})")
     overall, rows = score(records, metric, device)
 
     from lightning_modules.evaluation.report import write_report
@@ -201,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_prompts": len(rows),
         "num_unique_prompts": len({r["prompt"] for r in rows}),
         "missing": missing,
+        "unreadable": unreadable,
         "prompts": f"{prompts_name}" + (f" (first {len(prompts)})" if args.limit is not None else ""),
         "source": args.weights or args.meshes,
         "protocol": asdict(protocol) | {"azimuths": protocol.azimuths, "background": "white"},

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from lightning_modules.cli.arguments import CommandParser, int_at_least
 from lightning_modules.cli.paths import output_folder
 from lightning_modules.student.generation import (
-    PromptError,
+    MAX_PROMPT_CHARS,
     StageTimer,
     generate_meshes,
     resolve_device,
@@ -31,37 +32,34 @@ from renderers.export import EXPORT_FORMATS, MATERIALS
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-2-1-base"
 DEFAULT_WEIGHTS = "ZhiyuanthePony/TriplaneTurbo"
+MAX_SEED = 2**63 - 1
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise PromptError(f"prompts file {path} does not exist") from None
-    except UnicodeDecodeError as err:
-        raise PromptError(f"prompts file {path} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    except OSError as err:  # a folder, no permission, ...
-        raise PromptError(f"cannot read prompts file {path}: {err.strerror or err}") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise PromptError(f"prompts file {path} holds no prompt: write one prompt per line")
-    return prompts
+    """The prompts of `--prompts-file` (text: one per line; .jsonl / .json as `prd eval --prompts` reads them).
+
+    The project's one policy for prompt files: bad lines (empty, invalid UTF-8, too long) are skipped with one
+    warning that names them (file:line); a file without a single valid prompt, a missing file or a folder is a
+    one-line `PromptFileError`."""
+    from datamodules.prompt_sources import load_prompt_source
+
+    source = load_prompt_source(str(path), None, max_chars=MAX_PROMPT_CHARS, cache_index=False)
+    return [source.get(i) for i in range(len(source))]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prd generate", description="Generate textured meshes from text prompts.")
+    p = CommandParser(prog="prd generate", description="Generate textured meshes from text prompts.")
     p.add_argument("prompts", nargs="*", help="text prompts (or use --prompts-file)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt (prompt i uses seed + i)")
+    p.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, help="noise seed of the first prompt (prompt i uses seed + i)")
     p.add_argument("--format", dest="file_format", choices=EXPORT_FORMATS, default="glb")
     p.add_argument("--base", default=None, help=f"SD directory or hub id (default: from config.json, else {DEFAULT_BASE})")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="TriplaneTurbo weights: file, folder or hub id")
-    p.add_argument("--resolution", type=int, default=160, help="marching-cubes grid vertices per axis")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--resolution", type=int_at_least(4, 1024), default=160, help="marching-cubes grid vertices per axis")
+    p.add_argument("--batch-size", type=int_at_least(1), default=4)
     p.add_argument("--uv-texture", action="store_true", help="unwrap with xatlas and bake a texture (glb / obj)")
-    p.add_argument("--texture-size", type=int, default=1024)
+    p.add_argument("--texture-size", type=int_at_least(16, 16384), default=1024, help="texels per side (--uv-texture)")
     p.add_argument("--material", choices=MATERIALS, default="pbr",
                    help="glb / obj material: pbr (metallic 0, roughness 1) or unlit (colours shown as is)")
     p.add_argument("--empty-surface", choices=("unit_sphere", "error"), default="unit_sphere",
@@ -75,15 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    # Every argument is checked before the model loads.
     prompts = list(args.prompts)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     prompts = validate_prompts(prompts)
-    if args.resolution < 4:
-        raise UserError(f"--resolution must be at least 4, got {args.resolution}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed + len(prompts) > MAX_SEED:
+        raise UserError(f"--seed {args.seed} + {len(prompts)} prompts exceeds the largest seed {MAX_SEED}")
     if args.uv_texture and args.file_format == "ply":
         raise UserError("--uv-texture needs --format glb or obj: PLY stores vertex colours only")
     if args.material != "pbr" and args.file_format != "glb" and not args.uv_texture:

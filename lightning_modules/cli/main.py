@@ -6,7 +6,9 @@
     prd demo [--config ...]                    the CPU demo of `make demo` (train, export, Chamfer before / after)
 
 User errors (any `renderers.errors.UserError`: missing weights, bad input, unusable paths) end with a one-line
-message and exit code 2.
+message and exit code 2; so do Lightning's configuration errors (`MisconfigurationException`, e.g. an
+accelerator that is not there). Argument errors of `fit | validate | test | predict` keep jsonargparse's usage
+text and end with the same one line. `prd` without a command prints this text and exits with code 2.
 """
 
 from __future__ import annotations
@@ -42,22 +44,43 @@ def _run_extra(name: str, argv: list[str]) -> int:
 
 
 def _run_lightning(argv: list[str]) -> int:
-    from lightning.pytorch.cli import LightningCLI
+    from lightning_modules.cli.fit import run_lightning
 
-    LightningCLI(
-        args=argv,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-    )
-    return 0
+    return run_lightning(argv)
+
+
+def user_error_of(err: BaseException) -> BaseException | None:
+    """The `UserError` behind `err`: itself, or one it was raised from (jsonargparse wraps the errors of the
+    classes it instantiates in its own ValueErrors); a Lightning `MisconfigurationException` counts as one."""
+    seen, queue = set(), [err]
+    while queue:
+        current = queue.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError) or type(current).__name__ == "MisconfigurationException":
+            return current
+        queue += [current.__cause__, current.__context__]
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    if type(err).__name__ == "MisconfigurationException":
+        text += " (check --trainer.accelerator, --trainer.devices and --trainer.strategy)"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
+    if not argv:
+        print(__doc__.strip(), file=sys.stderr)
+        print("prd: error: no command given: use one of " + ", ".join(LIGHTNING_STAGES + tuple(EXTRA_COMMANDS)), file=sys.stderr)
+        return 2
     try:
         if argv[0] in EXTRA_COMMANDS:
             return _run_extra(argv[0], argv[1:])
@@ -66,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             f"unknown command {argv[0]!r}: use one of {', '.join(LIGHTNING_STAGES + tuple(EXTRA_COMMANDS))}"
         )
-    except UserError as err:
-        print(f"prd: error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = user_error_of(err)
+        if user_error is None:
+            raise
+        print(f"prd: error: {_one_line(user_error)}", file=sys.stderr)
         return 2

@@ -44,6 +44,10 @@ class CLIPWeightsNotFoundError(UserError, FileNotFoundError):
     """open_clip weights are not on this machine (one-line message says what to fetch)."""
 
 
+class CLIPWeightsError(UserError, ValueError):
+    """A CLIP weights file that exists but does not load into the model (corrupt, another model; one line)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading open_clip offline
 # ----------------------------------------------------------------------------------------------
@@ -182,9 +186,18 @@ def load_open_clip(
             )
         create_kwargs["pretrained"] = str(checkpoint)
 
-    model = open_clip.create_model(**create_kwargs)
-    if schema is not None and checkpoint is not None:
-        open_clip.load_checkpoint(model, str(checkpoint))
+    try:
+        model = open_clip.create_model(**create_kwargs)
+        if schema is not None and checkpoint is not None:
+            open_clip.load_checkpoint(model, str(checkpoint))
+    except Exception as err:
+        if checkpoint is None:
+            raise
+        first = " ".join(str(err).split(".")[0].split())[:160] or type(err).__name__
+        raise CLIPWeightsError(
+            f"CLIP weights {checkpoint} do not load into open_clip model {model_name!r} ({type(err).__name__}: "
+            f"{first}); pass the weights file of that model (.safetensors / .bin / .pt)"
+        ) from None
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(create_kwargs["model_name"], cache_dir=cache_dir)
     return model, tokenizer

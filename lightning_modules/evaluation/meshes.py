@@ -5,7 +5,8 @@ Matching mesh files to prompts (`match_meshes`), the first rule that applies:
   1. a mesh-map CSV with columns `prompt,file` (relative paths are relative to the CSV);
   2. MESH_DIR/manifest.json (as `prd generate` writes it): {"prompt": "file", ...} or a list of
      {"prompt": ..., "file" | "path" | "mesh": ...} (relative paths are relative to MESH_DIR);
-  3. file names: a mesh file (.glb .gltf .obj .ply, searched recursively) matches a prompt when its
+  3. file names: a mesh file (.glb .gltf .obj .ply) of the folder's top level (when the top level holds none:
+     of its subfolders, at any depth; files in subfolders beside top-level meshes are left out, with a warning) matches a prompt when its
      stem, or its folder's name (the reference's <prompt>/model.obj layout), equals the prompt
      slugified (lower case, runs of other characters -> "_"), optionally after a "0042_" index prefix;
      a name of 32+ characters also matches a prompt whose slug it starts (truncated names).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from renderers.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 MIN_PREFIX_MATCH = 32
@@ -56,7 +60,21 @@ def _strip_index(name: str) -> str:
 
 
 def _mesh_files(mesh_dir: Path) -> list[Path]:
-    return sorted(p for p in mesh_dir.rglob("*") if p.suffix.lower() in MESH_SUFFIXES and p.is_file())
+    """The mesh files matched by name: those of the top level when it holds any (files in subfolders, e.g.
+    other runs' copies, are left out with one warning), else those of every subfolder (the reference's
+    <prompt>/model.obj layout)."""
+    every = sorted(p for p in mesh_dir.rglob("*") if p.suffix.lower() in MESH_SUFFIXES and p.is_file())
+    top = [p for p in every if p.parent == mesh_dir]
+    if not top:
+        return every
+    if len(top) < len(every):
+        folders = sorted({p.relative_to(mesh_dir).parts[0] for p in every if p.parent != mesh_dir})
+        shown = ", ".join(f"{f}/" for f in folders[:3]) + (", ..." if len(folders) > 3 else "")
+        log.warning(
+            "%s: evaluating the %d mesh file(s) of the top level only; %d in subfolders (%s) are left out (pass a "
+            "subfolder as --meshes to evaluate it)", mesh_dir, len(top), len(every) - len(top), shown,
+        )  # fmt: skip
+    return top
 
 
 def _resolve(base: Path, name: str) -> Path:

@@ -215,6 +215,7 @@ def markdown_report(results: dict, rows: Sequence[dict], top_k: int = 5) -> str:
         f"Source: `{_md(results['source'])}`; prompts: `{_md(results['prompts'])}` "
         f"({results['num_prompts']} evaluated, {results['num_unique_prompts']} unique"
         + (f", {len(results['missing'])} without a mesh" if results.get("missing") else "")
+        + (f", {len(results['unreadable'])} with an unreadable mesh" if results.get("unreadable") else "")
         + ").",
         "",
         "| metric | value |",
@@ -248,6 +249,12 @@ def markdown_report(results: dict, rows: Sequence[dict], top_k: int = 5) -> str:
             f"| {r['index']} | {_md(r['prompt'])} | {r['clip_score']:.4f} | {r['recall_at_1']:.2f} | {_md(r['retrieved_prompt'])} |"
             for r in chosen
         ]
+        lines.append("")
+    skipped = [("", prompt, "no mesh") for prompt in results.get("missing") or []]
+    skipped += [(item["index"], item["prompt"], item["error"]) for item in results.get("unreadable") or []]
+    if skipped:  # prompts that --allow-missing left out, each with its reason
+        lines += [f"## Not evaluated ({len(skipped)})", "", "| # | prompt | reason |", "|---|---|---|"]
+        lines += [f"| {index} | {_md(prompt)} | {_md(reason)} |" for index, prompt, reason in skipped]
         lines.append("")
     lines.append(f"All prompts: [{PER_PROMPT_CSV}]({PER_PROMPT_CSV}); numbers: [{RESULTS_JSON}]({RESULTS_JSON}).")
     return "\n".join(lines) + "\n"

@@ -178,8 +178,12 @@ def embed_renders(
     device: torch.device,
     progress: bool = True,
     backend: str = "auto",
+    unreadable: list[dict] | None = None,
 ) -> dict[int, dict]:
-    """Render and CLIP-embed every prompt's mesh, resumably. Returns index -> progress record."""
+    """Render and CLIP-embed every prompt's mesh, resumably. Returns index -> progress record.
+
+    A mesh file that cannot be read is a one-line `UserError`, or, when `unreadable` is a list, skipped and
+    appended to it as {"index", "prompt", "mesh", "error"} (`prd eval --allow-missing`)."""
     from tqdm import tqdm
 
     done = {}
@@ -193,7 +197,15 @@ def embed_renders(
     for i in todo:
         paths = view_paths(out_dir, i, prompts[i], protocol)
         if not all(p.is_file() for p in paths):
-            mesh = normalize_mesh(load_mesh(meshes[i], protocol.mesh_frame), protocol.normalize, protocol.bound)
+            try:
+                loaded = load_mesh(meshes[i], protocol.mesh_frame)
+            except UserError as err:
+                if unreadable is None:
+                    raise UserError(f"{err}; fix or remove the file, or pass --allow-missing to skip it") from None
+                unreadable.append({"index": i, "prompt": prompts[i], "mesh": str(meshes[i]), "error": str(err)})
+                bar.update(1)
+                continue
+            mesh = normalize_mesh(loaded, protocol.normalize, protocol.bound)
             save_views(render_views(mesh, protocol, device, backend), paths[0].parent, protocol.azimuths)
         embeds = metric.encode_images(load_views(paths)[None].to(device))[0]  # [V, D]
         record = {

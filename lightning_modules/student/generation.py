@@ -68,14 +68,30 @@ def slugify(prompt: str, max_len: int = 60) -> str:
     return slug[:max_len].rstrip("_") or "prompt"
 
 
-def resolve_device(name: str) -> torch.device:
-    """`--device`: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:1", ..."""
+class DeviceError(UserError, ValueError):
+    """A `--device` that is not a device, or not on this machine (one-line message)."""
+
+
+def resolve_device(name: str, option: str = "--device") -> torch.device:
+    """`--device`: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:1", "mps"; checked to exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available: use --device cpu")
-    return device
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"{option} {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{option} {name} asked for CUDA, but no CUDA device is available: use {option} cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"{option} {name}: there is no CUDA device {device.index} ({count} available: cuda:0 to cuda:{count - 1})")
+        return device
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise DeviceError(f"{option} {name}: {device.type} devices are not available here; use auto, cpu, cuda or cuda:N")
 
 
 def validate_prompts(prompts: list[str], source: str = "prompt") -> list[str]:

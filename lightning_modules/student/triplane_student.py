@@ -39,6 +39,7 @@ from lightning_modules.student.weights import (
     resolve_weights,
     save_official_checkpoint,
     save_own_weights,
+    training_checkpoint_config,
 )
 
 # The SD 2.1-base noise schedule, used when no scheduler config is given (e.g. models built on the meta device).
@@ -163,7 +164,8 @@ class TriplaneStudent(nn.Module):
         weights: None (fresh adapters: up-projections zero, so the UNet starts as the base model), a
                  checkpoint file (official .pth layout or own .safetensors), a directory written by
                  `save_pretrained`, or a hub id (`ZhiyuanthePony/TriplaneTurbo`, file `weights_filename`).
-        config:  StudentConfig or a config.json path; default: config.json beside the weights, else the
+        config:  StudentConfig or a config.json path; default: the student config a `prd fit` checkpoint
+                 recorded (any configuration, with its base), else config.json beside the weights, else the
                  full-size defaults. Its `student_class` (an import path) builds that subclass instead: how a
                  second representation comes in (README, "Adding a representation").
         device, dtype: where the model runs (float32 by default; the reference ran in float32).
@@ -173,6 +175,8 @@ class TriplaneStudent(nn.Module):
             weights_file, config_path = resolve_weights(weights, weights_filename)
         if isinstance(config, (str, os.PathLike)):
             config_path, config = Path(config), None
+        elif config is None and weights_file is not None:
+            config = training_checkpoint_config(weights_file)  # a `prd fit` checkpoint knows its student
         if config is None:
             config = StudentConfig.from_json(config_path) if config_path is not None else StudentConfig()
         if base is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,7 @@ from lightning_modules.student.adapters import (
     attention_names,
     locon_conv_names,
 )
-from lightning_modules.student.config import BASE_HUB_ID, StudentWeightsError, _one_line
+from lightning_modules.student.config import BASE_HUB_ID, StudentConfig, StudentWeightsError, _one_line
 from renderers.errors import UserError
 
 if TYPE_CHECKING:
@@ -162,6 +162,19 @@ def resolve_weights(weights: str | os.PathLike, filename: str = WEIGHTS_FILENAME
     raise StudentFileNotFoundError(f"weights file {text!r} not found; {how}")
 
 
+def check_local_paths(base: str | os.PathLike | None = None, weights: str | os.PathLike | None = None) -> None:
+    """The one-line errors of `resolve_base` / `resolve_weights` for local paths, without loading anything and
+    without the network (hub ids are left to the loaders): for checks before any work."""
+    if weights is not None:
+        text = os.fspath(weights)
+        if Path(text).expanduser().exists() or not (_looks_like_hub_id(text) and not Path(text).suffix):
+            resolve_weights(weights)
+    if base is not None:
+        text = os.fspath(base)
+        if Path(text).expanduser().exists() or not _looks_like_hub_id(text):
+            resolve_base(base)
+
+
 # -------------------------------------------------------------------------------------- official layout
 
 
@@ -259,6 +272,33 @@ def save_official_checkpoint(student: TriplaneStudent, path: str | os.PathLike) 
 
 
 # ------------------------------------------------------------------------------------------- loading
+
+# The section of a PRD training checkpoint (`prd fit`) that records the student's config: the key of
+# `lightning_modules.training.checkpoints.CHECKPOINT_KEY` (named here: this layer does not import training/).
+TRAINING_CHECKPOINT_SECTION = "prd"
+
+
+def training_checkpoint_config(path: str | os.PathLike) -> StudentConfig | None:
+    """The student config a PRD training checkpoint (`prd fit`'s .ckpt) recorded, with the base it was trained
+    on, or None for any other file. Checkpoints written before the student recorded its base give the module's
+    `base` hyper-parameter instead of the default hub id."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None  # not a zip checkpoint: read_state_dict says what is wrong with it
+    section = checkpoint.get(TRAINING_CHECKPOINT_SECTION) if isinstance(checkpoint, dict) else None
+    if not isinstance(section, dict) or not isinstance(section.get("student_config"), dict):
+        return None
+    config = StudentConfig.from_dict(section["student_config"], source=f"{path} (its student_config)")
+    hparams = checkpoint.get("hyper_parameters")
+    base = hparams.get("base") if isinstance(hparams, dict) else None
+    if config.base_model_name_or_path == BASE_HUB_ID and isinstance(base, str) and base:
+        config = replace(config, base_model_name_or_path=base)
+    return config
+
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -47,6 +47,7 @@ import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -65,6 +66,7 @@ from lightning_modules.training.settings import (
     CameraSampling,
     PRDBatchResult,
     StepTimer,
+    TrainingSettingsError,
     ValidationSettings,
     as_dataclass,
     resolve_student_config,
@@ -83,6 +85,14 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-2-1-base"
+
+
+def recorded_base(base: str) -> str:
+    """How a student records its base: the absolute path of a local folder, else the hub id as given."""
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.exists() else str(base)
+
+
 # Init args that are objects (built by jsonargparse): kept out of hyper_parameters outside LightningCLI,
 # where they would be pickled into every checkpoint.
 _OBJECT_ARGS = ("teachers", "renderers", "background", "optimizer", "lr_scheduler", "clip_score")
@@ -160,13 +170,13 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         self._save_hyperparameters()
 
         if accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+            raise TrainingSettingsError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
-            raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val}")
+            raise TrainingSettingsError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val}")
         if num_steps is not None and num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1 or null, got {num_steps}")
+            raise TrainingSettingsError(f"num_steps must be >= 1 or null, got {num_steps}")
         if not renderers:
-            raise ValueError("PRDModule needs at least one renderer (e.g. renderers.MeshRenderer)")
+            raise TrainingSettingsError("PRDModule needs at least one renderer (e.g. renderers.MeshRenderer)")
 
         self.base = str(base)
         self.student_config = resolve_student_config(student_config)  # parsed now: config errors surface early
@@ -189,7 +199,7 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         if background is not None:
             for name, renderer in self.renderers.items():
                 if not hasattr(renderer, "background"):
-                    raise ValueError(f"renderer {name!r} ({type(renderer).__name__}) has no background to replace")
+                    raise TrainingSettingsError(f"renderer {name!r} ({type(renderer).__name__}) has no background to replace")
                 renderer.background = background
         for module in [*self.renderers.modules(), *([background] if background is not None else [])]:
             fallback = getattr(module, "default_embedding", None)
@@ -202,13 +212,13 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         self.regularizer_weights = {key: Schedule.parse(value) for key, value in (regularizers or {}).items()}
         for key in self.regularizer_weights:
             if "/" in key and key.split("/", 1)[0] not in self.renderers:
-                raise ValueError(f"regularizer {key!r} names renderer {key.split('/', 1)[0]!r}, not one of {', '.join(self.renderers)}")
+                raise TrainingSettingsError(f"regularizer {key!r} names renderer {key.split('/', 1)[0]!r}, not one of {', '.join(self.renderers)}")
         self.renderer_schedules = self._parse_renderer_schedules(renderer_schedules or {})
         for name in self.validation.renderers or ():
             if name not in self.renderers:
-                raise ValueError(f"validation.renderers: {name!r} is not one of {', '.join(self.renderers)}")
+                raise TrainingSettingsError(f"validation.renderers: {name!r} is not one of {', '.join(self.renderers)}")
         if self.validation.clip_renderer is not None and self.validation.clip_renderer not in self.renderers:
-            raise ValueError(f"validation.clip_renderer {self.validation.clip_renderer!r} is not one of {', '.join(self.renderers)}")
+            raise TrainingSettingsError(f"validation.clip_renderer {self.validation.clip_renderer!r} is not one of {', '.join(self.renderers)}")
         self.clip_score = clip_score
 
         self.student = None  # built in configure_model (nothing heavy at construction / --print_config)
@@ -247,7 +257,7 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
             missing = [name for name in self.renderers if name not in value]
             unknown = [name for name in value if name not in self.renderers]
             if missing or unknown:
-                raise ValueError(
+                raise TrainingSettingsError(
                     f"{what} must give a size for every renderer ({', '.join(self.renderers)}); "
                     f"missing: {missing or 'none'}, unknown: {unknown or 'none'}"
                 )
@@ -256,7 +266,7 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
             sizes = {name: int(value) for name in self.renderers}
         for name, size in sizes.items():
             if size < 1:
-                raise ValueError(f"{what}[{name}] must be >= 1, got {size}")
+                raise TrainingSettingsError(f"{what}[{name}] must be >= 1, got {size}")
         return sizes
 
     def _parse_renderer_schedules(self, schedules: Mapping[str, ScheduleLike]) -> dict[tuple[str, str], Schedule]:
@@ -264,9 +274,9 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         for key, value in schedules.items():
             name, _, attribute = key.partition(".")
             if name not in self.renderers or not attribute:
-                raise ValueError(f"renderer_schedules key {key!r} must be 'renderer.attribute' with a renderer in {', '.join(self.renderers)}")
+                raise TrainingSettingsError(f"renderer_schedules key {key!r} must be 'renderer.attribute' with a renderer in {', '.join(self.renderers)}")
             if not hasattr(self.renderers[name], attribute):
-                raise ValueError(f"renderer_schedules: renderer {name!r} ({type(self.renderers[name]).__name__}) has no attribute {attribute!r}")
+                raise TrainingSettingsError(f"renderer_schedules: renderer {name!r} ({type(self.renderers[name]).__name__}) has no attribute {attribute!r}")
             parsed[(name, attribute)] = Schedule.parse(value)
         return parsed
 
@@ -280,10 +290,20 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
             if self.init_seed is not None:
                 torch.manual_seed(self.init_seed)
             student = TriplaneStudent.from_pretrained(self.base, weights=self.init_weights, config=self.student_config)
+        # The student records the base it is trained on (config.json of its exports, the checkpoints'
+        # student_config), so that `prd generate --weights ...` finds it without --base.
+        student.config = replace(student.config, base_model_name_or_path=recorded_base(self.base))
         if self.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         self.student = student.train()  # from_pretrained returns it in eval mode; Lightning keeps modes as found
         self._check_background_width()
+
+    def check_inputs(self) -> None:
+        """One-line errors for a local base model or `init_weights` that is not there, before anything loads
+        (`prd fit` calls it up front; hub ids are checked when they load)."""
+        from lightning_modules.student.weights import check_local_paths
+
+        check_local_paths(self.base, self.init_weights)
 
     def _check_background_width(self) -> None:
         embedding = getattr(self.background, "default_embedding", None)
@@ -337,7 +357,7 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
             available = {f"{r}/{n}" for r, render in renders.items() for n in render.regularizers}
             for key in self.regularizer_weights:
                 if not any(a == key or a.split("/", 1)[1] == key for a in available):
-                    raise ValueError(
+                    raise TrainingSettingsError(
                         f"regularizer {key!r} is returned by no renderer (they return: {', '.join(sorted(available)) or 'none'})"
                     )
             self._checked_regularizers = True

@@ -28,6 +28,11 @@ import torch
 
 from lightning_modules.student.adapters import AdapterRanks
 from lightning_modules.student.config import StudentConfig, StudentWeightsError
+from renderers.errors import UserError
+
+
+class TrainingSettingsError(UserError, ValueError):
+    """A `PRDModule` setting out of its range or naming something that is not there (one-line message)."""
 
 
 @dataclass
@@ -46,11 +51,11 @@ class CameraSampling:
 
     def __post_init__(self) -> None:
         if self.num_views < 1:
-            raise ValueError(f"cameras.num_views must be >= 1, got {self.num_views}")
+            raise TrainingSettingsError(f"cameras.num_views must be >= 1, got {self.num_views}")
         for name in ("elevation_range", "azimuth_range", "fovy_range", "relative_distance_range"):
             low, high = getattr(self, name)
             if low > high:
-                raise ValueError(f"cameras.{name} must be [low, high] with low <= high, got [{low}, {high}]")
+                raise TrainingSettingsError(f"cameras.{name} must be [low, high] with low <= high, got [{low}, {high}]")
 
     def sampler_kwargs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "num_views"}
@@ -87,11 +92,15 @@ class ValidationSettings:
 
     def __post_init__(self) -> None:
         if self.num_views < 1 or self.resolution < 1:
-            raise ValueError("validation.num_views and validation.resolution must be >= 1")
+            raise TrainingSettingsError(
+                f"validation.num_views and validation.resolution must be >= 1, got {self.num_views} and {self.resolution}"
+            )
         if self.log_images < 0 or self.log_meshes < 0:
-            raise ValueError("validation.log_images and validation.log_meshes must be >= 0")
+            raise TrainingSettingsError(
+                f"validation.log_images and validation.log_meshes must be >= 0, got {self.log_images} and {self.log_meshes}"
+            )
         if self.mesh_resolution < 2:
-            raise ValueError(f"validation.mesh_resolution must be >= 2, got {self.mesh_resolution}")
+            raise TrainingSettingsError(f"validation.mesh_resolution must be >= 2, got {self.mesh_resolution}")
 
 
 def as_dataclass(cls, value):
@@ -104,7 +113,7 @@ def as_dataclass(cls, value):
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise TrainingSettingsError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**value)
     raise TypeError(f"expected {cls.__name__} or a dict, got {type(value).__name__}")
 
