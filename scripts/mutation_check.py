@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -239,18 +240,23 @@ def test_environment(copy: Path, threads: int) -> dict[str, str]:
     return env
 
 
-def run_tests(copy: Path, tests: tuple[str, ...], threads: int, timeout: float) -> tuple[int | None, float, str]:
-    """(pytest exit code or None on timeout, seconds, the last lines of its output)."""
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], threads: int, timeout: float) -> tuple[int | None, float, float, str]:
+    """(pytest exit code or None on timeout, wall seconds, CPU seconds, the last lines of its output)."""
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *tests]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu_seconds()
     try:
         done = subprocess.run(
             command, cwd=copy, env=test_environment(copy, threads), capture_output=True, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired:
-        return None, time.perf_counter() - start, f"timed out after {timeout:.0f} s"
+        return None, time.perf_counter() - start, _children_cpu_seconds() - cpu, f"timed out after {timeout:.0f} s"
     tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-    return done.returncode, time.perf_counter() - start, tail
+    return done.returncode, time.perf_counter() - start, _children_cpu_seconds() - cpu, tail
 
 
 def imports_resolve_to(copy: Path, threads: int) -> str | None:
@@ -303,8 +309,8 @@ def main() -> int:
             print(f"the copy's packages do not import from the copy ({outside}); nothing was run")
             return 2
         all_tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
-        rc, seconds, tail = run_tests(copy, all_tests, args.threads, args.timeout)
-        print(f"baseline: {len(all_tests)} test node(s) unmutated in {copy}: exit {rc} ({seconds:.0f} s)")
+        rc, seconds, cpu, tail = run_tests(copy, all_tests, args.threads, args.timeout)
+        print(f"baseline: {len(all_tests)} test node(s) unmutated in {copy}: exit {rc} ({seconds:.0f} s, CPU {cpu:.0f} s)")
         if rc != 0:
             print(tail)
             print("the tests fail without any mutant: fix them first")
@@ -316,12 +322,12 @@ def main() -> int:
             original = path.read_text()
             path.write_text(original.replace(mutant.original, mutant.replacement, 1))
             try:
-                rc, seconds, tail = run_tests(copy, mutant.tests, args.threads, args.timeout)
+                rc, seconds, cpu, tail = run_tests(copy, mutant.tests, args.threads, args.timeout)
             finally:
                 path.write_text(original)
             verdict = "caught" if rc == 1 else "SURVIVED" if rc == 0 else f"ERROR (exit {rc})"
             results.append(verdict)
-            print(f"{verdict:<9} {seconds:5.0f} s  {mutant.name}", flush=True)
+            print(f"{verdict:<9} {seconds:5.0f} s (CPU {cpu:4.0f} s)  {mutant.name}", flush=True)
             if rc != 1:
                 print("          " + tail.replace("\n", "\n          "))
     finally:
@@ -335,7 +341,7 @@ def main() -> int:
     errors = len(results) - caught - survived
     print(
         f"\n{len(results)} mutants: {caught} caught, {survived} survived, {errors} error(s) "
-        f"in {time.perf_counter() - started:.0f} s"
+        f"in {time.perf_counter() - started:.0f} s (test runs: CPU {_children_cpu_seconds():.0f} s)"
     )
     return 0 if caught == len(results) else 1
 

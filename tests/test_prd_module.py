@@ -86,7 +86,9 @@ def test_prd_batch_is_the_reference_loop(module):
         noise = (noisy - a.sqrt() * outputs[k - 1]) / (1 - a).sqrt()
         assert abs(float(noise.std()) - 1.0) < 0.2 and abs(float(noise.mean())) < 0.2
         noises.append(noise)
-    assert not torch.allclose(noises[0], noises[1]) and not torch.allclose(noises[1], noises[2])  # fresh noise
+    # fresh noise: independent unit draws differ by about sqrt(2) in std (re-used ones by rounding only)
+    for a, b in [(inputs[0][0], noises[0]), (noises[0], noises[1]), (noises[0], noises[2]), (noises[1], noises[2])]:
+        assert float((a - b).std()) > 1.0
 
     assert len(teacher.calls) == 4  # one teacher call per step, with the renders of BOTH renderers
     for call in teacher.calls:
