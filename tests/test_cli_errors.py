@@ -229,3 +229,28 @@ def test_bare_prd_exits_2_with_usage(capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "prd generate" in err and err.strip().splitlines()[-1].startswith("prd: error: no command given")
+
+
+def test_prompt_files_follow_one_policy_in_every_subcommand(tmp_path, caplog):
+    """Bad lines are skipped with one warning naming them (generate, eval and fit read a file alike); the
+    datamodule's strict=True rejects the first with its line number."""
+    from datamodules.prompts import PromptDataModule, PromptFileError
+    from lightning_modules.cli.evaluate import load_prompts
+    from lightning_modules.cli.generate import read_prompts_file
+
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"a red ball\n\n\xff\xfe broken\na blue cube\n")
+    readers = {
+        "generate": lambda: read_prompts_file(path),
+        "eval": lambda: load_prompts(str(path), None)[0],
+        "fit": lambda: PromptDataModule(train_prompts=str(path), cache_index=False).prompts("train"),
+    }
+    for name, read in readers.items():
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert read() == ["a red ball", "a blue cube"], name
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "skipped 2 bad prompt line(s)" in warnings[0], (name, warnings)
+        assert f"{path}:2 (empty prompt)" in warnings[0] and f"{path}:3 (invalid UTF-8" in warnings[0], name
+    with pytest.raises(PromptFileError, match=rf"^{path}:2: empty prompt"):
+        PromptDataModule(train_prompts=str(path), strict=True, cache_index=False).prompts("train")

@@ -145,3 +145,30 @@ def test_resumed_fit_refuses_structural_changes_and_takes_the_rest_from_the_chec
             "resume: model.gradient_clip_val = 1.0 from the checkpoint (this run's config: 0.25)",
             "resume: model.optimizer.init_args.lr = 0.003 from the checkpoint (this run's config: 0.5)",
         ], (ckpt_path, notices)
+
+
+def test_checkpoints_written_before_the_fix_are_mended_when_loaded():
+    """The loop state of a `last.ckpt` written when training stopped at an epoch end (the state the issue's
+    resume started from); a mid-epoch stop cannot be told from a limit_train_batches epoch end without the
+    trainer, so it is left alone when loading (saving mends it, with the trainer's batches per epoch)."""
+    from lightning_modules.training.checkpoints import mend_loop_state
+
+    def checkpoint(batches_done: int, last: bool) -> dict:
+        done = {"ready": 1, "started": 1, "processed": 1, "completed": 1}
+        current = dict.fromkeys(done, batches_done)
+        return {"epoch": 1, "loops": {"fit_loop": {
+            "epoch_progress": {"total": dict(done), "current": dict(done)},
+            "epoch_loop.batch_progress": {"total": dict.fromkeys(done, 2), "current": current, "is_last_batch": last},
+        }}}  # fmt: skip
+
+    ended = checkpoint(2, True)
+    assert mend_loop_state(ended) == "epoch end"
+    batches = ended["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert batches["current"] == dict.fromkeys(("ready", "started", "processed", "completed"), 0)
+    assert not batches["is_last_batch"] and batches["total"]["ready"] == 2 and mend_loop_state(ended) is None
+
+    stopped = checkpoint(1, False)
+    assert mend_loop_state(stopped) is None  # loading: ambiguous
+    assert mend_loop_state(stopped, batches_per_epoch=2) == "mid-epoch"  # saving: the trainer knows
+    epochs = stopped["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert (epochs["started"], epochs["processed"], epochs["completed"], stopped["epoch"]) == (1, 0, 0, 0)

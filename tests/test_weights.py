@@ -269,3 +269,20 @@ def test_unreachable_hub_is_a_one_line_error(monkeypatch, fixture_copy):
     assert (
         WEIGHTS_FILENAME in text and f"hf download {WEIGHTS_HUB_ID} {WEIGHTS_FILENAME}" in text
     )
+
+
+def test_a_training_checkpoint_gives_its_student_config_and_base(tmp_path):
+    """`--weights last.ckpt` of any configuration: the config `prd fit` stored, and the base it trained on (from
+    the module's `base` for checkpoints written before the student recorded it)."""
+    from lightning_modules.student.weights import training_checkpoint_config
+
+    small = StudentConfig(output_dim=16, mlp_neurons=32)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "prd": {"student_config": small.to_dict()}, "hyper_parameters": {"base": "local/sd"}}, path)
+    config = training_checkpoint_config(path)
+    assert (config.output_dim, config.mlp_neurons, config.base_model_name_or_path) == (16, 32, "local/sd")
+    recorded = StudentConfig(output_dim=16, base_model_name_or_path="/data/tiny_sd")
+    torch.save({"state_dict": {}, "prd": {"student_config": recorded.to_dict()}, "hyper_parameters": {"base": "x"}}, path)
+    assert training_checkpoint_config(path).base_model_name_or_path == "/data/tiny_sd"
+    torch.save({"state_dict": {}}, path)  # not a `prd fit` checkpoint
+    assert training_checkpoint_config(path) is None
