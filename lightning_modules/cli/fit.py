@@ -42,7 +42,7 @@ class TrainerSettingsError(UserError, ValueError):
     """Trainer settings Lightning refuses (an accelerator that is not there, a bad precision, ...; one line)."""
 
 
-def argument_error_reason(message: str) -> str:
+def argument_error_reason(message: str, stage: str = "fit") -> str:
     """One line out of a (multi-line) jsonargparse error: the option and its innermost complaint."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     keys = re.findall(r'Parser key "([^"]+)"', message)
@@ -53,10 +53,11 @@ def argument_error_reason(message: str) -> str:
         and not line.startswith("- Expected a <class 'NoneType'>")
     ]
     detail = details[0] if details else (lines[0] if lines else "invalid arguments")
+    detail = re.sub(r"Expected an? <class '([\w.]+)'>", r"expected \1", detail)
     detail = re.sub(r"<class '([\w.]+)'>", r"\1", detail)
     option = ".".join(keys)
     text = f"{option}: {detail}" if option and not detail.startswith(option) else detail
-    return f"{text} (see prd fit --help)"
+    return f"{text} (see prd {stage} --help)"
 
 
 class PRDArgumentParser(LightningArgumentParser):
@@ -67,7 +68,9 @@ class PRDArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         except SystemExit as exit_:
             if exit_.code == 2:
-                sys.stderr.write(f"prd: error: {argument_error_reason(message)}\n")
+                words = (self.prog or "").split()
+                stage = words[-1] if words and words[-1] in LightningCLI.subcommands() else "fit"
+                sys.stderr.write(f"prd: error: {argument_error_reason(message, stage)}\n")
             raise
 
 
