@@ -77,11 +77,11 @@ def format_runs(runs: list[dict], target: float) -> tuple[str, bool]:
         everything = [p["reduction"] for r in done for p in r["report"]["prompts"]]
         lines.append(f"all prompts and seeds: min {-min(everything):+.1%}, mean {-sum(everything) / len(everything):+.1%}")
     lines.append("")
-    lines.append(f"{'seed':<6}{'exit':>5}{'wall':>9}{'base':>8}{'training':>10}{'meshes':>8}")
+    lines.append(f"{'seed':<6}{'exit':>5}{'wall':>9}{'start-up':>10}{'base':>8}{'training':>10}{'meshes':>8}")
     for run in runs:
         seconds = (run["report"] or {}).get("seconds", {})
         phases = "".join(f"{seconds[k]:>{w}.0f}s" if k in seconds else f"{'-':>{w + 1}}"
-                         for k, w in (("base", 7), ("training", 9), ("meshes", 7)))
+                         for k, w in (("startup", 9), ("base", 7), ("training", 9), ("meshes", 7)))
         lines.append(f"{run['seed']:<6}{run['code']:>5}{run['wall']:>8.0f}s{phases}" + ("" if run["report"] else f"  see {run['log']}"))
     return "\n".join(lines), ok
 

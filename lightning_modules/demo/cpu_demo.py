@@ -24,22 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
-import numpy as np
-import torch
-
 DEFAULT_CONFIG = "configs/demo_cpu.yaml"
-
-
-class SaveUntrainedStudent(pl.Callback):
-    """Saves the student as fit starts (before the first optimizer step), with `PRDModule.save_student`."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step == 0 and trainer.is_global_zero:
-            pl_module.save_student(self.directory)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,44 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
              "does not stall it (default: %(default)s)",
     )  # fmt: skip
     return parser
-
-
-def save_turntable_image(mesh, out_path: Path, frames: int, size: int = 128) -> Path:
-    """One row of `frames` views around a mesh (`evaluate.MeshData`, world frame, vertex colours), as PNG."""
-    from PIL import Image
-
-    from renderers.mesh_renderer import MeshRenderer
-    from renderers.turntable import frames_to_uint8, image_grid, render_turntable
-
-    vertices, faces = torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces)
-    colors = torch.from_numpy(mesh.colors)
-    views = render_turntable(MeshRenderer(backend="torch"), (vertices, faces), colors, num_frames=frames, height=size, width=size)
-    Image.fromarray(frames_to_uint8(image_grid(views, columns=frames)[None])[0]).save(out_path)
-    return out_path
-
-
-def generate_and_measure(
-    weights: Path, base: str, prompts: list[str], target_points: list[torch.Tensor], out_dir: Path, args, turntables: bool
-) -> list[dict]:
-    """Generate each prompt's mesh with the student saved in `weights` (prompt i: noise seed + i) and
-    measure the exported file: `chamfer` to every target (`target_points[j]`, `[N, 3]`), `nearest` target."""
-    from lightning_modules.evaluation.meshes import load_mesh
-    from lightning_modules.student import TriplaneStudent
-    from lightning_modules.student.generation import generate_meshes
-    from teachers.shapes import chamfer_distance, sample_mesh_surface
-
-    student = TriplaneStudent.from_pretrained(base, weights=weights)
-    records = generate_meshes(student, prompts, out_dir, seed=args.seed, resolution=args.mesh_resolution, progress=False)
-    for index, record in enumerate(records):
-        path = out_dir / record["file"]
-        mesh = load_mesh(path)  # the exported file, back in the world frame
-        points = sample_mesh_surface(torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces), args.num_points, seed=1)
-        distances = [float(chamfer_distance(points, target)) for target in target_points]
-        record["chamfer"] = distances[index]
-        record["nearest"] = int(np.argmin(distances))  # whether the shapes are told apart
-        if turntables:
-            record["turntable"] = save_turntable_image(mesh, path.with_name(path.stem + "_turntable.png"), args.turntable_frames).name
-    return records
 
 
 def format_table(prompts, targets, before, after, nearest) -> str:
@@ -127,22 +74,29 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(argv: list[str]) -> int:
-    from lightning.pytorch.cli import LightningCLI
-
-    from lightning_modules.cli.main import _quiet_model_loading
     from lightning_modules.cli.paths import output_folder
-    from lightning_modules.demo.tiny_models import build_demo_base
     from renderers.errors import UserError
-    from teachers.shapes import ShapePromptError, parse_shape_prompt, sample_surface_points
 
+    start = time.perf_counter()  # before the heavy imports: the start-up is part of the time printed
     args, overrides = build_parser().parse_known_args(argv)
     if not Path(args.config).is_file():
         raise UserError(f"config {args.config} not found: run from the repository root or pass --config PATH")
     check_arguments(args)
-    out = output_folder(args.out)
+    return _run(args, overrides, output_folder(args.out), start)
+
+
+def _run(args: argparse.Namespace, overrides: list[str], out: Path, start: float) -> int:
+    import torch
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_modules.cli.main import _quiet_model_loading
+    from lightning_modules.demo.measures import SaveUntrainedStudent, generate_and_measure
+    from lightning_modules.demo.tiny_models import build_demo_base
+    from renderers.errors import UserError
+    from teachers.shapes import ShapePromptError, parse_shape_prompt, sample_surface_points
+
     torch.set_num_threads(args.threads)
     _quiet_model_loading()
-    start = time.perf_counter()
     cli = LightningCLI(
         args=["--config", args.config, *overrides],
         run=False,
@@ -157,6 +111,7 @@ def run(argv: list[str]) -> int:
     except ShapePromptError as err:
         raise UserError(f"the demo measures shape prompts only: {err}") from None
     base = str(model.base)
+    ready = time.perf_counter()
     latent_size = int(model.student_config.latent_height)
     steps = int(model.num_steps or model.student_config.num_inference_steps)
     timesteps = tuple(999 - k * (1000 // steps) for k in range(steps))  # the student's DDIM "leading" timesteps
@@ -180,7 +135,7 @@ def run(argv: list[str]) -> int:
     print(f"PRD demo: {trainer.global_step} training steps on {len(prompts)} prompts; Chamfer distance of each "
           f"exported mesh ({args.mesh_resolution}^3 grid) to its target shape, untrained vs trained student, same seeds")
     print(format_table(prompts, targets, cd_before, cd_after, nearest))
-    print(f"time: base model {built - start:.0f} s, training {trained - built:.0f} s, meshes and measures "
+    print(f"time: start-up {ready - start:.0f} s, base model {built - ready:.0f} s, training {trained - built:.0f} s, meshes and measures "
           f"{done - trained:.0f} s, total {done - start:.0f} s")
     print(f"meshes and turntables: {out}/")
     failed = [p for p, b, a in zip(prompts, cd_before, cd_after, strict=True) if a > (1 - args.min_reduction) * b]
@@ -193,7 +148,7 @@ def run(argv: list[str]) -> int:
                  nearest_target=targets[n].name, file=r["file"], turntable=r.get("turntable"))
             for p, t, b, a, n, r in zip(prompts, targets, cd_before, cd_after, nearest, after, strict=True)
         ],
-        seconds=dict(base=built - start, training=trained - built, meshes=done - trained, total=done - start),
+        seconds=dict(startup=ready - start, base=built - ready, training=trained - built, meshes=done - trained, total=done - start),
         passed=not failed,
     )
     (out / "report.json").write_text(json.dumps(report, indent=2))
