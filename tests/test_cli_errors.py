@@ -197,6 +197,8 @@ EVAL_CASES = [
     ("mesh-map missing", ["--mesh-map", "{in}/map.csv"], ["--mesh-map", "no such CSV file"]),
     ("clip-checkpoint missing", ["--clip-checkpoint", "{in}/nope.bin"], ["--clip-checkpoint", "no such CLIP weights file"]),
     ("clip-checkpoint is a folder", ["--clip-checkpoint", "{in}"], ["--clip-checkpoint", "is a folder"]),
+    ("clip-checkpoint random bytes", ["--clip-checkpoint", "{in}/random.bin"], ["--clip-checkpoint", "random.bin", "is not a weights file"]),
+    ("clip-checkpoint truncated", ["--clip-checkpoint", "{in}/truncated.ckpt"], ["--clip-checkpoint", "truncated or corrupt archive"]),
     ("a prompt without a mesh", ["--prompts", "{in}/prompts.txt"], ["1 of 2 prompts have no mesh", "--allow-missing"]),
     ("weights missing", ["--meshes", None, "--weights", "{in}/nope.pth"], ["nope.pth", "not found"]),
     ("neither meshes nor weights", ["--meshes", None], ["one of the arguments --weights --meshes is required"]),

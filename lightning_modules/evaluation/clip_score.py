@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,6 +101,79 @@ def _missing_weights_message(model_name: str, tag: str, pretrained_cfg: dict, ca
     )
 
 
+# The first bytes of the file formats open_clip's loader reads (`open_clip.factory.load_state_dict`: safetensors by
+# the .safetensors suffix, NumPy for .npz / .npy, else `torch.load`: a zip archive or the legacy pickle format).
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _weights_format(path: Path) -> str | None:
+    """What `path` holds by its first bytes: "safetensors", "zip", "npy", "torch-legacy" or None."""
+    with path.open("rb") as file:
+        head = file.read(16)
+        if len(head) >= 10 and head[8:9] == b"{":
+            (header_size,) = struct.unpack("<Q", head[:8])
+            if 2 <= header_size <= 100_000_000:
+                return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head.startswith(_NPY_MAGIC):
+        return "npy"
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return "torch-legacy"
+    return None
+
+
+def check_weights_file(path: str | os.PathLike, option: str = "--clip-checkpoint") -> Path:
+    """A cheap check, before any model is built, that `path` is a weights file open_clip can read: its header
+    only (a safetensors header, a zip archive with a complete directory, a NumPy array, or PyTorch's legacy
+    format), nothing is unpickled. One-line `CLIPWeightsError` for random bytes, a truncated archive, a
+    safetensors file under another suffix (open_clip picks the reader by the suffix) and the like."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CLIPWeightsNotFoundError(f"CLIP checkpoint file not found: {file}")
+    kind = _weights_format(file)
+    suffix = file.suffix.lower()
+    fix = "pass the weights file of the CLIP model (.safetensors, or a PyTorch .bin / .pt / .pth)"
+    if kind is None:
+        raise CLIPWeightsError(
+            f"{option} {str(path)!r} is not a weights file (neither safetensors, nor a PyTorch checkpoint, nor "
+            f"NumPy; corrupt or another kind of file): {fix}"
+        )
+    if suffix == ".safetensors" or kind == "safetensors":
+        if kind != "safetensors":
+            raise CLIPWeightsError(f"{option} {str(path)!r} ends in .safetensors but holds no safetensors header: {fix}")
+        if suffix != ".safetensors":
+            raise CLIPWeightsError(
+                f"{option} {str(path)!r} is a safetensors file named {suffix or 'without a suffix'}: open_clip reads "
+                "it by its suffix, rename it to .safetensors"
+            )
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                weights.keys()
+        except Exception as err:
+            raise CLIPWeightsError(
+                f"{option} {str(path)!r} is not a readable safetensors file (truncated or corrupt: "
+                f"{' '.join(str(err).split())[:120]}): {fix}"
+            ) from None
+    elif kind == "zip":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(file) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise CLIPWeightsError(
+                f"{option} {str(path)!r} is a truncated or corrupt archive ({err}): {fix}"
+            ) from None
+        if suffix not in (".npz", ".npy") and not any(name.endswith("data.pkl") for name in names):
+            raise CLIPWeightsError(f"{option} {str(path)!r} is a zip archive but not a PyTorch checkpoint: {fix}")
+    return file
+
+
 def load_open_clip(
     model_name: str = DEFAULT_CLIP_MODEL,
     pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
@@ -126,9 +200,7 @@ def load_open_clip(
     schema, identifier = parse_model_name(model_name)
     create_kwargs: dict = {"device": device, "cache_dir": cache_dir}
     if checkpoint is not None:
-        checkpoint = Path(checkpoint).expanduser()
-        if not checkpoint.is_file():
-            raise CLIPWeightsNotFoundError(f"CLIP checkpoint file not found: {checkpoint}")
+        checkpoint = check_weights_file(checkpoint, "CLIP checkpoint")
 
     if schema == "local-dir":
         folder = Path(identifier).expanduser()
@@ -161,7 +233,7 @@ def load_open_clip(
         create_kwargs["model_name"] = name
         tag_cfg = {}
         if pretrained and os.path.isfile(os.path.expanduser(pretrained)):
-            checkpoint = checkpoint or Path(pretrained).expanduser()
+            checkpoint = checkpoint or check_weights_file(pretrained, "CLIP pretrained file")
         elif pretrained:
             tag_cfg = get_pretrained_cfg(name, pretrained)
             if not tag_cfg:
