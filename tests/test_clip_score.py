@@ -197,6 +197,16 @@ def test_missing_openai_weights_is_one_line_error_naming_what_to_fetch(tmp_path)
     assert isinstance(info.value, UserError) and isinstance(info.value, FileNotFoundError)
 
 
+def test_allowed_download_while_offline_is_one_line_error(tmp_path, empty_hub_cache):
+    """`allow_download=True` (configs/triplaneturbo_v1.yaml's validation CLIP score) with HF_HUB_OFFLINE=1 and the
+    weights nowhere: the one line of missing weights, not the hub client's traceback at instantiation."""
+    with pytest.raises(CLIPWeightsNotFoundError, match="HF_HUB_OFFLINE is set") as info:
+        load_open_clip("ViT-B-32", "openai", cache_dir=str(tmp_path), allow_download=True)
+    assert "\n" not in str(info.value) and "open_clip_model.safetensors" in str(info.value)
+    with pytest.raises(CLIPWeightsNotFoundError, match="HF_HUB_OFFLINE is set"):
+        load_open_clip("hf-hub:nobody/not-cached", allow_download=True)
+
+
 def test_cached_openai_weights_are_found_without_network(tmp_path, monkeypatch):
     """A file in open_clip's URL cache counts as present: loading gets past the lookup to the file."""
     import open_clip

@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from renderers.errors import UserError
+from teachers.base import hub_offline
 
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -39,6 +40,7 @@ DEFAULT_CAPTION_PREFIX = "A photo depicts "
 CLIP_SCORE_WEIGHT = 2.5
 # open_clip's preferred file names in a Hugging Face repo, safetensors first (as open_clip itself tries).
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_OFFLINE_NOTE = " (HF_HUB_OFFLINE is set, so nothing is downloaded)"
 
 
 class CLIPWeightsNotFoundError(UserError, FileNotFoundError):
@@ -219,10 +221,10 @@ def load_open_clip(
         config = try_to_load_from_cache(identifier, "open_clip_config.json", cache_dir=cache_dir)
         weights = [try_to_load_from_cache(identifier, name, cache_dir=cache_dir) for name in _HF_WEIGHT_FILES]
         have_weights = checkpoint is not None or any(isinstance(w, str) for w in weights)
-        if not (isinstance(config, str) and have_weights) and not allow_download:
+        if not (isinstance(config, str) and have_weights) and not (allow_download and not hub_offline()):
             raise CLIPWeightsNotFoundError(
-                f"open_clip model {model_name} is not in the Hugging Face cache: fetch it with "
-                f"`hf download {identifier} open_clip_config.json {_HF_WEIGHT_FILES[0]}` "
+                f"open_clip model {model_name} is not in the Hugging Face cache{_OFFLINE_NOTE if allow_download else ''}: "
+                f"fetch it with `hf download {identifier} open_clip_config.json {_HF_WEIGHT_FILES[0]}` "
                 "(or rerun with --clip-download), or use local-dir:/path/to/folder"
             )
         create_kwargs["model_name"] = model_name
@@ -246,8 +248,18 @@ def load_open_clip(
             create_kwargs["force_preprocess_cfg"] = preprocess
             if checkpoint is None:
                 found = cached_pretrained_file(tag_cfg, cache_dir)
+                if found is None and allow_download and hub_offline():
+                    raise CLIPWeightsNotFoundError(
+                        _missing_weights_message(name, pretrained, tag_cfg, cache_dir) + _OFFLINE_NOTE
+                    )
                 if found is None and allow_download:
-                    found = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
+                    try:
+                        found = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
+                    except Exception as err:  # no network, no such file: the message says what to fetch
+                        raise CLIPWeightsNotFoundError(
+                            _missing_weights_message(name, pretrained, tag_cfg, cache_dir)
+                            + f" (the download failed: {type(err).__name__})"
+                        ) from None
                 if found is None:
                     raise CLIPWeightsNotFoundError(_missing_weights_message(name, pretrained, tag_cfg, cache_dir))
                 checkpoint = Path(found)

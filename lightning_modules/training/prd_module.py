@@ -299,11 +299,13 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         self._check_background_width()
 
     def check_inputs(self) -> None:
-        """One-line errors for a local base model or `init_weights` that is not there, before anything loads
-        (`prd fit` calls it up front; hub ids are checked when they load)."""
+        """One-line errors for weights that are not on this machine, before anything loads (`prd fit` calls it up
+        front): a local base model or `init_weights` that is not there, the teachers' weights (local files, and
+        with `HF_HUB_OFFLINE=1` hub ids not in the cache; online, hub ids are fetched when they load)."""
         from lightning_modules.student.weights import check_local_paths
 
         check_local_paths(self.base, self.init_weights)
+        self.teachers.check_weights()
 
     def _check_background_width(self) -> None:
         embedding = getattr(self.background, "default_embedding", None)
