@@ -90,8 +90,9 @@ def _resolve_ckpt_path(trainer, ckpt_path: str) -> str | None:
     return None if resolved is None else str(resolved)
 
 
-def check_fit_inputs(trainer, model, datamodule, default_root_dir: str | None) -> None:
-    """Everything `fit` reads or writes, checked before anything loads (one-line `UserError`s)."""
+def check_fit_inputs(trainer, model, datamodule, default_root_dir: str | None, check_base: bool = True) -> None:
+    """Everything `fit` reads or writes, checked before anything loads (one-line `UserError`s). `check_base=False`
+    leaves out the student's base model (`prd demo` builds it itself)."""
     if default_root_dir is not None:
         writable_folder(default_root_dir, "--trainer.default_root_dir")
     for logger in trainer.loggers:
@@ -103,7 +104,7 @@ def check_fit_inputs(trainer, model, datamodule, default_root_dir: str | None) -
         if dirpath:
             writable_folder(dirpath, f"{type(callback).__name__} dirpath")
     if hasattr(model, "check_inputs"):
-        model.check_inputs()
+        model.check_inputs() if check_base else model.check_inputs(check_base=False)
     if datamodule is not None and hasattr(datamodule, "check_sources"):
         datamodule.check_sources("fit", int(trainer.world_size))
 
@@ -124,11 +125,12 @@ def _value(value: Any) -> str:
 class PRDCLI(LightningCLI):
     """LightningCLI for PRD: see the module docstring."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], run: bool = True) -> None:
         # Only the requested stage gets a parser (LightningCLI builds all four, a second of CPU per `prd fit`).
-        self._stage = args[0] if args and args[0] in LightningCLI.subcommands() else None
+        self._stage = args[0] if run and args and args[0] in LightningCLI.subcommands() else None
         super().__init__(
             args=args,
+            run=run,
             parser_class=PRDArgumentParser,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -169,8 +171,15 @@ class PRDCLI(LightningCLI):
             read_checkpoint(ckpt_path)
         super()._parse_ckpt_path()
 
+    def check_inputs(self, check_base: bool = True) -> None:
+        """`check_fit_inputs` of this CLI's trainer, model and data: `before_fit` runs it, and so does `prd demo`
+        (`run=False`, its own base: `check_base=False`) before it builds or trains anything."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        check_fit_inputs(self.trainer, self.model, self.datamodule, config.trainer.get("default_root_dir"), check_base)
+
     def before_fit(self) -> None:
-        check_fit_inputs(self.trainer, self.model, self.datamodule, self.config.fit.trainer.get("default_root_dir"))
+        self.check_inputs()
         ckpt_path = self.config.fit.get("ckpt_path")
         if ckpt_path:
             self.check_resume(ckpt_path)
