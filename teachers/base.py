@@ -53,31 +53,104 @@ class TeacherWeightsNotFoundError(UserError, FileNotFoundError):
     """Teacher weights are missing; the message (one line) names the file, the hub id and how to fetch it."""
 
 
+def _looks_local(name: str) -> bool:
+    """Whether `name` (which does not exist) was meant as a local path rather than a hub id."""
+    path = Path(name).expanduser()
+    return name.startswith(("/", ".", "~")) or (path.parent != Path(".") and path.parent.is_dir())
+
+
+def _shown(files: Sequence[str], limit: int = 3) -> str:
+    return ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
 def missing_pipeline_error(
-    pretrained: str, what: str, example_hub_id: str, subfolders: Sequence[str] = ()
+    pretrained: str, what: str, example_hub_id: str, subfolders: Sequence[str] = (), missing: Sequence[str] = ()
 ) -> TeacherWeightsNotFoundError:
-    """One-line error for a diffusers pipeline directory / hub id that could not be loaded."""
+    """One-line error for a diffusers pipeline directory / hub id that could not be loaded (`missing`: the files
+    found lacking, named in the message)."""
     path = Path(pretrained).expanduser()
     include = " ".join(f"'{folder}/*'" for folder in subfolders)
     include = f" --include {include}" if include else ""
     if path.is_dir():
+        lacks = f"it lacks {_shown(missing)}" if missing else f"it needs {', '.join(f'{s}/' for s in subfolders)}"
         return TeacherWeightsNotFoundError(
-            f"{what} not found in the directory {pretrained!r} (it needs {', '.join(f'{s}/' for s in subfolders)} "
-            f"in the diffusers layout): fetch them with `hf download {example_hub_id}{include} --local-dir {pretrained}`"
+            f"{what} not found in the directory {pretrained!r} ({lacks} in the diffusers layout): fetch them with "
+            f"`hf download {example_hub_id}{include} --local-dir {pretrained}`"
         )
-    looks_local = pretrained.startswith(("/", ".", "~")) or (
-        path.parent != Path(".") and path.parent.is_dir()
-    )
-    if looks_local:
+    if _looks_local(pretrained):
         return TeacherWeightsNotFoundError(
             f"{what} not found: {pretrained!r} does not exist; fetch a pipeline there with "
             f"`hf download {example_hub_id}{include} --local-dir {pretrained}` (hub id {example_hub_id!r})"
         )
+    lacks = f" (lacking {_shown(missing)})" if missing else ""
     return TeacherWeightsNotFoundError(
         f"{what} not found: {pretrained!r} is not a local directory and hub id {pretrained!r} is not in the local "
-        f"cache; fetch it with `hf download {pretrained}{include} --local-dir pretrained/{path.name}` and pass "
+        f"cache{lacks}; fetch it with `hf download {pretrained}{include} --local-dir pretrained/{path.name}` and pass "
         "that directory"
     )
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub may not be reached (`HF_HUB_OFFLINE=1`): then a hub id must be in the cache."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def cached_hub_file(repo_id: str, filename: str) -> Path | None:
+    """`filename` of the hub repo `repo_id` in the local Hugging Face cache, or None (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # not a valid repo id
+        return None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+# What `from_pretrained` reads from each folder of a diffusers pipeline: every file of the first tuple, and one of
+# the second (the weights, whole or sharded).
+_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+PIPELINE_FILES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "unet": (("config.json",), _WEIGHTS),
+    "vae": (("config.json",), _WEIGHTS),
+    "scheduler": (("scheduler_config.json",), ()),
+    "text_encoder": (("config.json",), ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                                        "pytorch_model.bin.index.json")),
+    "tokenizer": (("vocab.json", "merges.txt"), ()),
+}
+
+
+def missing_pipeline_files(pretrained: str, subfolders: Sequence[str]) -> list[str] | None:
+    """The files of `subfolders` (keys of `PIPELINE_FILES`) that the diffusers pipeline `pretrained` lacks on this
+    machine, without loading anything or reaching the network: read in the local directory, or, for a hub id, in
+    the Hugging Face cache. None: a hub id that is not cached while the hub may be reached (the loader downloads
+    it); a path that does not exist lacks everything."""
+    path = Path(pretrained).expanduser()
+    if not path.exists() and not _looks_local(pretrained) and not hub_offline():
+        return None
+    missing = []
+    for folder in subfolders:
+        required, one_of = PIPELINE_FILES[folder]
+
+        def present(name: str, folder: str = folder) -> bool:
+            if path.is_dir():
+                return (path / folder / name).is_file()
+            return not _looks_local(pretrained) and cached_hub_file(pretrained, f"{folder}/{name}") is not None
+
+        missing += [f"{folder}/{name}" for name in required if not present(name)]
+        if one_of and not any(present(name) for name in one_of):
+            missing.append(f"{folder}/{one_of[0]}")
+    return missing
+
+
+def check_pipeline(pretrained: str, what: str, subfolders: Sequence[str], example_hub_id: str) -> None:
+    """One-line `TeacherWeightsNotFoundError` when the pipeline `pretrained` lacks files of `subfolders` on this
+    machine (see `missing_pipeline_files`); for checks before any work."""
+    missing = missing_pipeline_files(pretrained, subfolders)
+    if missing:
+        raise missing_pipeline_error(pretrained, what, example_hub_id, subfolders, missing)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -128,6 +201,11 @@ class Teacher(nn.Module):
     def load(self) -> None:
         """Load the frozen models into `self.frozen` (on the CPU)."""
         raise NotImplementedError
+
+    def check_weights(self) -> None:
+        """One-line `TeacherWeightsNotFoundError` when weights `load()` needs are not on this machine: local files
+        that do not exist, or (with `HF_HUB_OFFLINE=1`) hub ids that are not in the cache. Loads nothing and never
+        reaches the network; `prd fit` calls it before any work. (None needed: nothing to check.)"""
 
     def _freeze(self, module: nn.Module) -> nn.Module:
         return module.eval().requires_grad_(False)
@@ -291,6 +369,11 @@ class ScoreDistillationTeacher(Teacher):
         )
         self.alphas_cumprod: Tensor | None = None  # [T] float32, set by load()
         self.prediction_type = "epsilon"  # of the frozen UNet, set by load(): "epsilon" or "v_prediction"
+
+    def check_weights(self) -> None:
+        super().check_weights()
+        check_pipeline(self.text_encoder, f"{self.name} text encoder", ("text_encoder", "tokenizer"),
+                       "stabilityai/stable-diffusion-2-1-base")
 
     @property
     def prompt_processor(self):

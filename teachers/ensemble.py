@@ -60,6 +60,11 @@ class TeacherEnsemble(nn.Module):
     def weights(self, step: int) -> dict[str, float]:
         return {name: teacher.weight(step) for name, teacher in self.teachers.items()}
 
+    def check_weights(self) -> None:
+        """Every teacher's `check_weights` (one-line error for weights not on this machine; loads nothing)."""
+        for teacher in self.teachers.values():
+            teacher.check_weights()
+
     def prepare_prompts(self, prompts: Iterable[str]) -> None:
         """Fill every teacher's prompt cache (call once in `setup`; rank 0 writes under DDP)."""
         prompts = list(prompts)

@@ -20,7 +20,15 @@ import torch
 from torch import Tensor
 
 from renderers.types import Cameras, RenderOutput
-from teachers.base import ScoreDistillationTeacher, TeacherWeightsNotFoundError, per_image, render_image
+from teachers.base import (
+    ScoreDistillationTeacher,
+    TeacherWeightsNotFoundError,
+    cached_hub_file,
+    check_pipeline,
+    hub_offline,
+    per_image,
+    render_image,
+)
 from teachers.camera_vectors import camera_vectors, richdreamer_condition_distance
 from teachers.schedules import ScheduleLike
 from teachers.stable_diffusion import DEFAULT_SD, encode_rgb, load_vae
@@ -33,9 +41,10 @@ NEGATIVE_PROMPT = (
 
 
 def resolve_checkpoint(
-    ckpt_path: str, hub_id: str | None, filename: str, model: str, release: tuple[str, str]
-) -> Path:
-    """A local checkpoint file, else the hub cache copy (`hub_id`/`filename`), else a one-line error.
+    ckpt_path: str, hub_id: str | None, filename: str, model: str, release: tuple[str, str], download: bool = True
+) -> Path | None:
+    """A local checkpoint file, else the hub copy (`hub_id`/`filename`: fetched, or with `download=False` only
+    looked up in the cache, and None when the loader may still fetch it), else a one-line error.
 
     release: (where the file is published, the command that fetches it).
     """
@@ -43,15 +52,23 @@ def resolve_checkpoint(
     if path.is_file():
         return path
     if hub_id:
-        try:
-            from huggingface_hub import hf_hub_download
+        if not download:
+            cached = cached_hub_file(hub_id, filename)
+            if cached is not None:
+                return cached
+            if not hub_offline():
+                return None
+        else:
+            try:
+                from huggingface_hub import hf_hub_download
 
-            return Path(hf_hub_download(hub_id, filename))
-        except Exception:  # offline, not cached, no such repo: the error below says what to do
-            pass
+                return Path(hf_hub_download(hub_id, filename))
+            except Exception:  # offline, not cached, no such repo: the error below says what to do
+                pass
     source, fetch = release
+    hub = f" and hub id {hub_id!r} is not in the local cache (HF_HUB_OFFLINE is set)" if hub_id and not download else ""
     raise TeacherWeightsNotFoundError(
-        f"{model} checkpoint {str(path)!r} not found (released as {filename!r} on {source}): "
+        f"{model} checkpoint {str(path)!r} not found{hub}; it is released as {filename!r} on {source}: "
         f"fetch it with `{fetch}` and set ckpt_path to the file"
     )
 
@@ -100,6 +117,17 @@ class MultiViewTeacher(ScoreDistillationTeacher):
         return MultiViewUNet.from_original_checkpoint(
             checkpoint, self.config_path, dtype=self.dtype, device="cpu"
         )
+
+    def check_weights(self) -> None:
+        resolve_checkpoint(
+            self.ckpt_path, self.hub_id, self.hub_filename, self.model_label, self.release_info(), download=False
+        )
+        if self.config_path is not None and not Path(self.config_path).expanduser().is_file():
+            raise TeacherWeightsNotFoundError(
+                f"{self.model_label} config_path {self.config_path!r} not found: pass the yaml of the checkpoint, or "
+                "leave config_path unset for the bundled one"
+            )
+        super().check_weights()
 
     def load(self) -> None:
         checkpoint = resolve_checkpoint(
@@ -258,6 +286,10 @@ class MVDreamTeacher(MultiViewTeacher):
         self.vae = str(vae)
         self.sample_posterior = sample_posterior
         self.gradient_checkpointing = gradient_checkpointing
+
+    def check_weights(self) -> None:
+        super().check_weights()
+        check_pipeline(self.vae, f"{self.name} VAE", ("vae",), DEFAULT_SD)
 
     def load_extra(self) -> None:
         vae = load_vae(self.vae, self.dtype)

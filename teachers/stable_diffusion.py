@@ -19,6 +19,7 @@ from renderers.types import RenderOutput
 from teachers.base import (
     ScoreDistillationTeacher,
     TeacherWeightsNotFoundError,
+    check_pipeline,
     missing_pipeline_error,
     per_image,
     render_image,
@@ -130,6 +131,10 @@ class StableDiffusionTeacher(ScoreDistillationTeacher):
         self.sample_posterior = sample_posterior
         self.gradient_checkpointing = gradient_checkpointing
         self.last_views: list[Tensor] = []  # [B, k] view indices per render of the last call
+
+    def check_weights(self) -> None:
+        check_pipeline(self.pretrained, f"{self.name} Stable Diffusion", ("unet", "vae", "scheduler"), DEFAULT_SD)
+        super().check_weights()
 
     def load(self) -> None:
         from diffusers import DDPMScheduler, UNet2DConditionModel

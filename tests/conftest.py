@@ -51,3 +51,17 @@ def fixtures_dir():
 def tiny_sd_dir(tmp_path_factory):
     """A tiny random SD 2.x-style pipeline directory, shared by the whole session."""
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=0)
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 (as the whole suite runs) and an empty Hugging Face cache (returned): a hub id is found
+    nowhere unless the test puts a file there (`tests.teacher_helpers.put_in_hub_cache`), whatever this machine's own cache holds."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+

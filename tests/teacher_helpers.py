@@ -101,3 +101,13 @@ def fixture_cameras(fixture: Path) -> tuple[Cameras, torch.Tensor]:
         16,
     )
     return cameras, inputs["camera"]
+
+
+def put_in_hub_cache(cache, repo_id: str, filename: str, data: bytes = b"stand-in") -> None:
+    """A file of a hub repo in a Hugging Face cache folder, laid out as huggingface_hub downloads it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text("0123abc")
+    file = repo / "snapshots" / "0123abc" / filename
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_bytes(data)

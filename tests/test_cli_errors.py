@@ -19,6 +19,7 @@ import yaml
 from lightning_modules.cli import main
 from renderers.export import export_mesh
 from tests.prd_helpers import PRD_WARNING_FILTERS, single_thread  # noqa: F401  (fixture)
+from tests.teacher_helpers import put_in_hub_cache
 
 pytestmark = [*PRD_WARNING_FILTERS, pytest.mark.usefixtures("single_thread")]
 
@@ -121,6 +122,8 @@ FIT_CASES = [
     ("cameras.num_views 0", ["--model.init_args.cameras.num_views", "0"], ["cameras.num_views", "got 0"]),
     ("default_root_dir is a file", ["--trainer.default_root_dir", "{in}/a_file"], ["default_root_dir", "is a file, not a folder"]),
     ("base model missing", ["--model.init_args.base", "{in}/no_base"], ["no_base", "does not exist"]),
+    ("base hub id not cached (offline)", ["--model.init_args.base", "someone/uncached-sd"],
+     ["'someone/uncached-sd'", "not in the local cache", "hf download someone/uncached-sd"]),
     ("accelerator not there", ["--trainer.accelerator", "tpu"], ["--trainer.accelerator"]),
     ("batch_size not a number", ["--data.init_args.batch_size", "abc"], [USAGE, "data.batch_size", "int", "abc"]),
     ("unknown option", ["--trainer.no_such_option", "1"], [USAGE, "unrecognized arguments", "no_such_option"]),
@@ -128,13 +131,73 @@ FIT_CASES = [
 
 
 @pytest.mark.parametrize("case, extra, words", FIT_CASES, ids=[c[0] for c in FIT_CASES])
-def test_prd_fit_bad_input(case, extra, words, inputs, tiny_sd_dir, tmp_path, capsys, monkeypatch, nothing_loads):
+def test_prd_fit_bad_input(case, extra, words, inputs, tiny_sd_dir, tmp_path, capsys, monkeypatch, nothing_loads, empty_hub_cache):
     out = tmp_path / "out"
     out.mkdir()
     config = _fit_config(tiny_sd_dir, out)
     argv = ["fit", "--config", str(config), *[a.replace("{in}", str(inputs)) for a in extra]]
     err = _check(argv, 2, [w for w in words if w != USAGE], tmp_path, out, capsys, monkeypatch)
     assert (USAGE in words) == ("usage:" in err), err[-500:]
+
+
+# ---------------------------------------------------------------- prd fit with real teachers: their weights
+
+V1_CONFIG = DEMO_CONFIG.parent / "triplaneturbo_v1.yaml"
+
+
+def _v1_config(base: Path, inputs: Path, out: Path, change: dict[str, str]) -> Path:
+    """configs/triplaneturbo_v1.yaml on the CPU, every weight local (the tiny SD for every pipeline, stand-in files
+    for the multi-view checkpoints), then `change` ("teacher.argument" or "model.argument" -> value) applied."""
+    config = yaml.safe_load(V1_CONFIG.read_text())
+    config["trainer"].update(accelerator="cpu", devices=1, strategy="auto", enable_progress_bar=False)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "logs")
+    for callback in config["trainer"]["callbacks"]:
+        callback["init_args"]["dirpath"] = str(out / "checkpoints")
+    model = config["model"]["init_args"]
+    model.update(base=str(base), clip_score=None)
+    teachers = model["teachers"]["init_args"]["teachers"]
+    teachers["mvdream"]["init_args"].update(ckpt_path=str(inputs / "sd-v2.1-base-4view.pt"), vae=str(base), text_encoder=str(base))
+    teachers["richdreamer_nd"]["init_args"].update(ckpt_path=str(inputs / "nd_mv_ema.pt"), text_encoder=str(base))
+    teachers["stable_diffusion"]["init_args"].update(pretrained=str(base))
+    for key, value in change.items():
+        owner, argument = key.split(".")
+        (model if owner == "model" else teachers[owner]["init_args"])[argument] = value.replace("{in}", str(inputs))
+    config["data"]["init_args"]["train_prompts"] = str(inputs / "prompts.txt")
+    path = out.parent / "v1.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def v1_inputs(inputs):
+    (inputs / "sd-v2.1-base-4view.pt").write_bytes(b"stand-in")  # only looked for, never loaded here
+    (inputs / "nd_mv_ema.pt").write_bytes(b"stand-in")
+    return inputs
+
+
+def test_prd_fit_teacher_weights_checked_before_any_work(
+    v1_inputs, tiny_sd_dir, tmp_path, capsys, monkeypatch, nothing_loads, empty_hub_cache
+):
+    """The full recipe's teachers, offline: a checkpoint that is not on this machine is one line naming it and how
+    to fetch it, before anything loads (every kind of missing teacher weight: tests/test_teachers.py)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = _v1_config(tiny_sd_dir, v1_inputs, out, {"richdreamer_nd.ckpt_path": "{in}/nd_mv_ema.ckpt"})
+    _check(["fit", "--config", str(config)], 2, ["nd_mv_ema.ckpt", "not found", "wget"], tmp_path, out, capsys, monkeypatch)
+
+
+def test_prd_fit_teacher_weights_in_the_hub_cache_pass_the_checks(
+    v1_inputs, tiny_sd_dir, tmp_path, monkeypatch, nothing_loads, empty_hub_cache
+):
+    """The other side: with every weight local, or a hub id's file in the cache, the checks pass and `fit` goes on
+    to load the student (refused here: the first model load)."""
+    put_in_hub_cache(empty_hub_cache, "MVDream/MVDream", "sd-v2.1-base-4view.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    config = _v1_config(tiny_sd_dir, v1_inputs, out, {"mvdream.ckpt_path": "{in}/not_here.pt"})
+    monkeypatch.chdir(out)
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        main(["fit", "--config", str(config)])
 
 
 # ------------------------------------------------------------------------------------- prd generate
@@ -197,6 +260,8 @@ EVAL_CASES = [
     ("mesh-map missing", ["--mesh-map", "{in}/map.csv"], ["--mesh-map", "no such CSV file"]),
     ("clip-checkpoint missing", ["--clip-checkpoint", "{in}/nope.bin"], ["--clip-checkpoint", "no such CLIP weights file"]),
     ("clip-checkpoint is a folder", ["--clip-checkpoint", "{in}"], ["--clip-checkpoint", "is a folder"]),
+    ("clip-checkpoint random bytes", ["--clip-checkpoint", "{in}/random.bin"], ["--clip-checkpoint", "random.bin", "is not a weights file"]),
+    ("clip-checkpoint truncated", ["--clip-checkpoint", "{in}/truncated.ckpt"], ["--clip-checkpoint", "truncated or corrupt archive"]),
     ("a prompt without a mesh", ["--prompts", "{in}/prompts.txt"], ["1 of 2 prompts have no mesh", "--allow-missing"]),
     ("weights missing", ["--meshes", None, "--weights", "{in}/nope.pth"], ["nope.pth", "not found"]),
     ("neither meshes nor weights", ["--meshes", None], ["one of the arguments --weights --meshes is required"]),

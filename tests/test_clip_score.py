@@ -197,6 +197,16 @@ def test_missing_openai_weights_is_one_line_error_naming_what_to_fetch(tmp_path)
     assert isinstance(info.value, UserError) and isinstance(info.value, FileNotFoundError)
 
 
+def test_allowed_download_while_offline_is_one_line_error(tmp_path, empty_hub_cache):
+    """`allow_download=True` (configs/triplaneturbo_v1.yaml's validation CLIP score) with HF_HUB_OFFLINE=1 and the
+    weights nowhere: the one line of missing weights, not the hub client's traceback at instantiation."""
+    with pytest.raises(CLIPWeightsNotFoundError, match="HF_HUB_OFFLINE is set") as info:
+        load_open_clip("ViT-B-32", "openai", cache_dir=str(tmp_path), allow_download=True)
+    assert "\n" not in str(info.value) and "open_clip_model.safetensors" in str(info.value)
+    with pytest.raises(CLIPWeightsNotFoundError, match="HF_HUB_OFFLINE is set"):
+        load_open_clip("hf-hub:nobody/not-cached", allow_download=True)
+
+
 def test_cached_openai_weights_are_found_without_network(tmp_path, monkeypatch):
     """A file in open_clip's URL cache counts as present: loading gets past the lookup to the file."""
     import open_clip
@@ -224,6 +234,34 @@ def test_loading_errors(tiny_clip_dir, tmp_path):
         load_open_clip(f"local-dir:{empty}")
     with pytest.raises(CLIPWeightsNotFoundError, match="not in the Hugging Face cache"):
         load_open_clip("hf-hub:nobody/not-cached", cache_dir=str(tmp_path))
+
+
+def test_weights_file_check_reads_headers_only(tmp_path):
+    """The up-front check of `prd eval --clip-checkpoint` takes every format open_clip reads and refuses the
+    rest by its first bytes (or its zip directory), in one line."""
+    from safetensors.torch import save_file
+
+    from lightning_modules.evaluation.clip_score import CLIPWeightsError, check_weights_file
+
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for name in ("w.safetensors", "w.pt", "legacy.pth"):
+        assert check_weights_file(tmp_path / name) == tmp_path / name
+    (tmp_path / "w.bin").write_bytes((tmp_path / "w.safetensors").read_bytes())
+    data = (tmp_path / "w.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:-8])
+    (tmp_path / "text.pt").write_text("not weights at all")
+    cases = {"w.bin": "rename it to .safetensors", "cut.pt": "truncated or corrupt archive",
+             "cut.safetensors": "not a readable safetensors file", "text.pt": "is not a weights file"}
+    for name, words in cases.items():
+        with pytest.raises(CLIPWeightsError, match=words) as info:
+            check_weights_file(tmp_path / name)
+        assert "\n" not in str(info.value)
+    with pytest.raises(CLIPWeightsError, match="is not a weights file"):  # load_open_clip checks it too
+        load_open_clip("ViT-B-32", "openai", checkpoint=tmp_path / "text.pt")
 
 
 # -- DDP ----------------------------------------------------------------------------------------

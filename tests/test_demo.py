@@ -151,3 +151,27 @@ def test_demo_checks_its_options_before_any_work(args, words, demo_config, tmp_p
     assert err.startswith("demo: error: ") and words in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "base").exists()  # nothing was built
     assert (tmp_path / "FILE").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("args", "words", "usage"),
+    [
+        (["--trainer.default_root_dir", "FILE"], "--trainer.default_root_dir", False),
+        (["--trainer.logger.init_args.save_dir", "FILE/logs"], "a part of the path", False),
+        (["--model.init_args.init_weights", "MISSING"], "not found", False),
+        (["--data.init_args.train_prompts", "MISSING"], "not found", False),
+        (["--trainer.no_such_option", "1"], "unrecognized arguments", True),
+    ],
+)
+def test_demo_runs_the_checks_of_prd_fit_before_any_work(args, words, usage, demo_config, tmp_path, capsys):
+    """`prd demo` takes `prd fit`'s command line and up-front checks (PRDCLI.check_inputs), all but the base it
+    builds itself: a bad training input is one line and exit 2 before the base is built or anything trains."""
+    (tmp_path / "FILE").write_text("keep me")
+    args = [a.replace("FILE", str(tmp_path / "FILE")).replace("MISSING", str(tmp_path / "missing.txt")) for a in args]
+    assert main(["--config", str(demo_config), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and words in last, err[-1500:]
+    assert last.startswith("prd: error: " if usage else "demo: error: ") and (("usage:" in err) == usage), err[-1500:]
+    assert not (tmp_path / "base").exists() and not (tmp_path / "run").exists()  # nothing built, nothing trained
+    assert (tmp_path / "FILE").read_text() == "keep me"

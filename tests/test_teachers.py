@@ -524,6 +524,79 @@ def test_missing_weights_are_one_line_errors_with_fetch_instructions(tmp_path, c
     )
 
 
+def _all_local_teachers(sd: str, folder, **change) -> TeacherEnsemble:
+    """The full recipe's three teachers with every weight local (tiny SD, stand-in checkpoint files), then
+    `change` ("teacher__argument" -> value) applied."""
+    (folder / "4view.pt").write_bytes(b"stand-in")
+    (folder / "nd.ckpt").write_bytes(b"stand-in")
+    args = {
+        "mvdream": {"ckpt_path": str(folder / "4view.pt"), "vae": sd, "text_encoder": sd},
+        "richdreamer_nd": {"ckpt_path": str(folder / "nd.ckpt"), "text_encoder": sd},
+        "stable_diffusion": {"pretrained": sd},
+    }
+    for key, value in change.items():
+        teacher, argument = key.split("__")
+        args[teacher][argument] = value
+    return TeacherEnsemble({
+        "mvdream": MVDreamTeacher(**args["mvdream"]),
+        "richdreamer_nd": RichDreamerNormalDepthTeacher(**args["richdreamer_nd"]),
+        "stable_diffusion": StableDiffusionTeacher(**args["stable_diffusion"]),
+    })
+
+
+WEIGHT_CHECK_CASES = [
+    # (case, change of the all-local teachers ({tmp}: a folder), expected words of the one-line message)
+    ("mvdream checkpoint missing, hub id not cached", {"mvdream__ckpt_path": "{tmp}/sd-v2.1-base-4view.ckpt"},
+     ["MVDream checkpoint", "sd-v2.1-base-4view.ckpt", "hub id 'MVDream/MVDream' is not in the local cache",
+      "hf download MVDream/MVDream sd-v2.1-base-4view.pt"]),
+    ("mvdream config_path missing", {"mvdream__config_path": "{tmp}/sd-v2-base.yaml"}, ["config_path", "sd-v2-base.yaml"]),
+    ("mvdream vae folder missing", {"mvdream__vae": "{tmp}/no_vae"}, ["mvdream VAE", "no_vae", "does not exist", "hf download"]),
+    ("richdreamer checkpoint missing", {"richdreamer_nd__ckpt_path": "{tmp}/nd_mv_ema.ckpt"}, ["nd_mv_ema.ckpt", "wget"]),
+    ("text encoder hub id not cached", {"richdreamer_nd__text_encoder": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+     ["richdreamer_nd text encoder", "hub id 'stable-diffusion-v1-5/stable-diffusion-v1-5' is not in the local cache",
+      "text_encoder/config.json", "hf download stable-diffusion-v1-5/stable-diffusion-v1-5"]),
+    ("sd hub id not cached", {"stable_diffusion__pretrained": "stabilityai/stable-diffusion-2-1-base"},
+     ["stable_diffusion Stable Diffusion", "'stabilityai/stable-diffusion-2-1-base' is not in the local cache",
+      "unet/config.json", "hf download stabilityai/stable-diffusion-2-1-base"]),
+    ("sd folder without weights", {"stable_diffusion__pretrained": "{tmp}"},
+     ["stable_diffusion Stable Diffusion", "lacks unet/config.json", "hf download"]),
+]
+
+
+@pytest.mark.parametrize("case, change, words", WEIGHT_CHECK_CASES, ids=[c[0] for c in WEIGHT_CHECK_CASES])
+def test_weight_checks_name_what_is_missing_without_loading(case, change, words, tmp_path, tiny_sd_dir, empty_hub_cache):
+    """`check_weights` (what `prd fit` runs before any work): local files or folders that are not there, and hub ids
+    not in the cache (HF_HUB_OFFLINE=1), each one line naming them and how to fetch them; nothing loads."""
+    teachers = _all_local_teachers(str(tiny_sd_dir), tmp_path, **{k: v.replace("{tmp}", str(tmp_path)) for k, v in change.items()})
+    with pytest.raises(TeacherWeightsNotFoundError) as info:
+        teachers.check_weights()
+    message = str(info.value)
+    assert "\n" not in message, message
+    for word in words:
+        assert word in message, (word, message)
+    assert not any(teacher.is_loaded for teacher in teachers.teachers.values())
+
+
+def test_weight_checks_pass_for_local_cached_or_downloadable_weights(tmp_path, tiny_sd_dir, empty_hub_cache, monkeypatch):
+    """No false alarm: all-local weights pass; so does a hub id whose file is in the cache; and with the hub
+    reachable (HF_HUB_OFFLINE unset) a hub id not in the cache is left to the loader, which downloads it."""
+    from huggingface_hub import constants
+
+    from tests.teacher_helpers import put_in_hub_cache
+
+    _all_local_teachers(str(tiny_sd_dir), tmp_path).check_weights()
+    put_in_hub_cache(empty_hub_cache, "MVDream/MVDream", "sd-v2.1-base-4view.pt")
+    _all_local_teachers(str(tiny_sd_dir), tmp_path, mvdream__ckpt_path=str(tmp_path / "not_here.pt")).check_weights()
+    hub_ids = {"mvdream__hub_id": "someone/elsewhere", "mvdream__ckpt_path": str(tmp_path / "not_here.pt"),
+               "stable_diffusion__pretrained": "stabilityai/stable-diffusion-2-1-base"}
+    with pytest.raises(TeacherWeightsNotFoundError):
+        _all_local_teachers(str(tiny_sd_dir), tmp_path, **hub_ids).check_weights()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    _all_local_teachers(str(tiny_sd_dir), tmp_path, **hub_ids).check_weights()  # never reaches the network
+    with pytest.raises(TeacherWeightsNotFoundError, match="does not exist"):  # a local path is checked online too
+        _all_local_teachers(str(tiny_sd_dir), tmp_path, mvdream__vae=str(tmp_path / "no_vae")).check_weights()
+
+
 def test_offload_waits_for_the_backward_that_still_needs_the_weights():
     """`Module.to` swaps parameter storage, so weights used by the backward (e.g. a VAE encoder on the
     render path) may only leave the device once the gradients of the teacher's inputs are complete."""

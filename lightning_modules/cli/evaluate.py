@@ -171,8 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         input_folder(args.meshes, "--meshes", "mesh folder")
     if args.mesh_map:
         input_file(args.mesh_map, "--mesh-map", "CSV file")
+    from lightning_modules.evaluation.clip_score import check_weights_file
+
     if args.clip_checkpoint:
         input_file(args.clip_checkpoint, "--clip-checkpoint", "CLIP weights file")
+        check_weights_file(args.clip_checkpoint, "--clip-checkpoint")  # its header: random bytes fail here
+    elif not args.clip_model.startswith(("local-dir:", "hf-hub:")) and Path(args.clip_pretrained).expanduser().is_file():
+        check_weights_file(args.clip_pretrained, "--clip-pretrained")
     meshes: list[Path | None] = []
     if args.meshes:
         meshes = match_meshes(args.meshes, prompts, args.mesh_map)

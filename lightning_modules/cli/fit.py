@@ -19,8 +19,10 @@ Errors are `renderers.errors.UserError`s: `prd` prints them as one line and exit
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -74,24 +76,80 @@ class PRDArgumentParser(LightningArgumentParser):
             raise
 
 
+def _checkpoint_folder(trainer, callback) -> str:
+    """Where a `ModelCheckpoint` writes: its `dirpath`, else (as Lightning resolves it at fit time) the first
+    logger's `save_dir/name/version/checkpoints`, else `default_root_dir/checkpoints`."""
+    if callback.dirpath is not None:
+        return str(callback.dirpath)
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return os.path.join(save_dir, str(logger.name), version, "checkpoints")
+    return os.path.join(trainer.default_root_dir, "checkpoints")
+
+
+def _last_checkpoint(trainer) -> str | None:
+    """The file `--ckpt_path last` loads: the newest (by modification time) of the `OnExceptionCheckpoint` files and,
+    in each `ModelCheckpoint`'s folder, the files named like its last checkpoint (`last.ckpt`, `last-v1.ckpt`, ...:
+    `CHECKPOINT_NAME_LAST`, `FILE_EXTENSION`), as Lightning 2.6 chooses it; None when there is none."""
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+    candidates = {callback.ckpt_path for callback in trainer.callbacks if isinstance(callback, OnExceptionCheckpoint)}
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        folder = _checkpoint_folder(trainer, callback)
+        fs = get_filesystem(folder)
+        if fs.exists(folder):
+            last = re.compile(rf"^{callback.CHECKPOINT_NAME_LAST}(-(\d+))?")
+            candidates |= {
+                os.path.normpath(path)
+                for path in fs.ls(folder, detail=False)
+                if Path(path).suffix == callback.FILE_EXTENSION and last.match(Path(path).stem)
+            }
+    modified = {}
+    for path in filter(None, candidates):
+        fs = get_filesystem(path)
+        if fs.exists(path):
+            modified[path] = fs.modified(path)
+    return str(max(modified, key=modified.get)) if modified else None
+
+
+def _hpc_checkpoint(trainer) -> str | None:
+    """The file `--ckpt_path hpc` loads: `hpc_ckpt_<N>.ckpt` of the highest N in `default_root_dir` (as Lightning)."""
+    folder = Path(trainer.default_root_dir)
+    versions = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else ()) if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    return str(folder / f"hpc_ckpt_{max(versions)}.ckpt") if versions else None
+
+
 def _resolve_ckpt_path(trainer, ckpt_path: str) -> str | None:
-    """What Lightning will load for `ckpt_path` ("last", "best", "hpc" or a file); None: nothing (a first run
-    with `--ckpt_path last`)."""
-    if ckpt_path not in _SPECIAL_CKPT_PATHS:
-        return ckpt_path
-    from lightning.pytorch.trainer.states import TrainerFn
+    """What Lightning will load for `ckpt_path` ("last", "best", "hpc" or a file), found with public attributes of
+    the trainer and its callbacks; None: nothing (a first run with `--ckpt_path last`: Lightning warns and starts
+    afresh)."""
+    if ckpt_path == "last":
+        return _last_checkpoint(trainer)
+    if ckpt_path == "best":
+        best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+        if not best:  # known only inside the run that wrote it
+            raise CheckpointFileError(
+                "--ckpt_path best: a new run does not know which checkpoint was best; pass that checkpoint's file"
+            )
+        return str(best)
+    if ckpt_path == "hpc":
+        found = _hpc_checkpoint(trainer)
+        if found is None:
+            raise CheckpointFileError(
+                f"--ckpt_path hpc: no hpc_ckpt_<N>.ckpt in {trainer.default_root_dir}; pass a checkpoint file"
+            )
+        return found
+    return ckpt_path
 
-    try:  # Lightning's own resolution (2.6), so that the file checked here is the file it loads
-        resolved = trainer._checkpoint_connector._select_ckpt_path(
-            TrainerFn.FITTING, ckpt_path, model_provided=True, model_connected=False
-        )
-    except ValueError as err:
-        raise CheckpointFileError(f"--ckpt_path {ckpt_path}: {err}") from None
-    return None if resolved is None else str(resolved)
 
-
-def check_fit_inputs(trainer, model, datamodule, default_root_dir: str | None) -> None:
-    """Everything `fit` reads or writes, checked before anything loads (one-line `UserError`s)."""
+def check_fit_inputs(trainer, model, datamodule, default_root_dir: str | None, check_base: bool = True) -> None:
+    """Everything `fit` reads or writes, checked before anything loads (one-line `UserError`s). `check_base=False`
+    leaves out the student's base model (`prd demo` builds it itself)."""
     if default_root_dir is not None:
         writable_folder(default_root_dir, "--trainer.default_root_dir")
     for logger in trainer.loggers:
@@ -103,7 +161,7 @@ def check_fit_inputs(trainer, model, datamodule, default_root_dir: str | None) -
         if dirpath:
             writable_folder(dirpath, f"{type(callback).__name__} dirpath")
     if hasattr(model, "check_inputs"):
-        model.check_inputs()
+        model.check_inputs() if check_base else model.check_inputs(check_base=False)
     if datamodule is not None and hasattr(datamodule, "check_sources"):
         datamodule.check_sources("fit", int(trainer.world_size))
 
@@ -124,11 +182,12 @@ def _value(value: Any) -> str:
 class PRDCLI(LightningCLI):
     """LightningCLI for PRD: see the module docstring."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], run: bool = True) -> None:
         # Only the requested stage gets a parser (LightningCLI builds all four, a second of CPU per `prd fit`).
-        self._stage = args[0] if args and args[0] in LightningCLI.subcommands() else None
+        self._stage = args[0] if run and args and args[0] in LightningCLI.subcommands() else None
         super().__init__(
             args=args,
+            run=run,
             parser_class=PRDArgumentParser,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -169,8 +228,15 @@ class PRDCLI(LightningCLI):
             read_checkpoint(ckpt_path)
         super()._parse_ckpt_path()
 
+    def check_inputs(self, check_base: bool = True) -> None:
+        """`check_fit_inputs` of this CLI's trainer, model and data: `before_fit` runs it, and so does `prd demo`
+        (`run=False`, its own base: `check_base=False`) before it builds or trains anything."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        check_fit_inputs(self.trainer, self.model, self.datamodule, config.trainer.get("default_root_dir"), check_base)
+
     def before_fit(self) -> None:
-        check_fit_inputs(self.trainer, self.model, self.datamodule, self.config.fit.trainer.get("default_root_dir"))
+        self.check_inputs()
         ckpt_path = self.config.fit.get("ckpt_path")
         if ckpt_path:
             self.check_resume(ckpt_path)

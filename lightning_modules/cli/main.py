@@ -64,7 +64,8 @@ def user_error_of(err: BaseException) -> BaseException | None:
     return None
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """The first line of a user error's message (Lightning's configuration errors get a hint)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     text = lines[0] if lines else type(err).__name__
     if type(err).__name__ == "MisconfigurationException":
@@ -93,5 +94,5 @@ def main(argv: list[str] | None = None) -> int:
         user_error = user_error_of(err)
         if user_error is None:
             raise
-        print(f"prd: error: {_one_line(user_error)}", file=sys.stderr)
+        print(f"prd: error: {one_line(user_error)}", file=sys.stderr)
         return 2

@@ -87,8 +87,8 @@ def run(argv: list[str]) -> int:
 
 def _run(args: argparse.Namespace, overrides: list[str], out: Path, start: float) -> int:
     import torch
-    from lightning.pytorch.cli import LightningCLI
 
+    from lightning_modules.cli.fit import PRDCLI
     from lightning_modules.cli.main import _quiet_model_loading
     from lightning_modules.demo.measures import SaveUntrainedStudent, generate_and_measure
     from lightning_modules.demo.tiny_models import build_demo_base
@@ -97,13 +97,14 @@ def _run(args: argparse.Namespace, overrides: list[str], out: Path, start: float
 
     torch.set_num_threads(args.threads)
     _quiet_model_loading()
-    cli = LightningCLI(
-        args=["--config", args.config, *overrides],
-        run=False,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-    )
+    # `prd fit`'s command line and checks (PRDCLI): argument errors end in one line, and every input of the
+    # training (output folders, prompt libraries, init_weights, the teachers' weights, trainer settings) is checked
+    # before the base is built; the base itself is the demo's to build.
+    try:
+        cli = PRDCLI(["--config", args.config, *overrides], run=False)
+    except SystemExit as exit_:  # jsonargparse's usage text and the one-line reason are printed
+        return exit_.code if isinstance(exit_.code, int) else 2
+    cli.check_inputs(check_base=False)
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     prompts = list(dict.fromkeys(datamodule.prompts("train")))
     try:
@@ -160,12 +161,15 @@ def _run(args: argparse.Namespace, overrides: list[str], out: Path, start: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from renderers.errors import UserError
+    from lightning_modules.cli.main import one_line, user_error_of
 
     try:
         return run(list(sys.argv[1:] if argv is None else argv))
-    except UserError as err:
-        print(f"demo: error: {err}", file=sys.stderr)
+    except Exception as err:  # a UserError, also when jsonargparse wraps it (as `prd` does)
+        user_error = user_error_of(err)
+        if user_error is None:
+            raise
+        print(f"demo: error: {one_line(user_error)}", file=sys.stderr)
         return 2
 
 

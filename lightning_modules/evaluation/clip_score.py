@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from renderers.errors import UserError
+from teachers.base import hub_offline
 
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -38,6 +40,7 @@ DEFAULT_CAPTION_PREFIX = "A photo depicts "
 CLIP_SCORE_WEIGHT = 2.5
 # open_clip's preferred file names in a Hugging Face repo, safetensors first (as open_clip itself tries).
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_OFFLINE_NOTE = " (HF_HUB_OFFLINE is set, so nothing is downloaded)"
 
 
 class CLIPWeightsNotFoundError(UserError, FileNotFoundError):
@@ -100,6 +103,79 @@ def _missing_weights_message(model_name: str, tag: str, pretrained_cfg: dict, ca
     )
 
 
+# The first bytes of the file formats open_clip's loader reads (`open_clip.factory.load_state_dict`: safetensors by
+# the .safetensors suffix, NumPy for .npz / .npy, else `torch.load`: a zip archive or the legacy pickle format).
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _weights_format(path: Path) -> str | None:
+    """What `path` holds by its first bytes: "safetensors", "zip", "npy", "torch-legacy" or None."""
+    with path.open("rb") as file:
+        head = file.read(16)
+        if len(head) >= 10 and head[8:9] == b"{":
+            (header_size,) = struct.unpack("<Q", head[:8])
+            if 2 <= header_size <= 100_000_000:
+                return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head.startswith(_NPY_MAGIC):
+        return "npy"
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return "torch-legacy"
+    return None
+
+
+def check_weights_file(path: str | os.PathLike, option: str = "--clip-checkpoint") -> Path:
+    """A cheap check, before any model is built, that `path` is a weights file open_clip can read: its header
+    only (a safetensors header, a zip archive with a complete directory, a NumPy array, or PyTorch's legacy
+    format), nothing is unpickled. One-line `CLIPWeightsError` for random bytes, a truncated archive, a
+    safetensors file under another suffix (open_clip picks the reader by the suffix) and the like."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CLIPWeightsNotFoundError(f"CLIP checkpoint file not found: {file}")
+    kind = _weights_format(file)
+    suffix = file.suffix.lower()
+    fix = "pass the weights file of the CLIP model (.safetensors, or a PyTorch .bin / .pt / .pth)"
+    if kind is None:
+        raise CLIPWeightsError(
+            f"{option} {str(path)!r} is not a weights file (neither safetensors, nor a PyTorch checkpoint, nor "
+            f"NumPy; corrupt or another kind of file): {fix}"
+        )
+    if suffix == ".safetensors" or kind == "safetensors":
+        if kind != "safetensors":
+            raise CLIPWeightsError(f"{option} {str(path)!r} ends in .safetensors but holds no safetensors header: {fix}")
+        if suffix != ".safetensors":
+            raise CLIPWeightsError(
+                f"{option} {str(path)!r} is a safetensors file named {suffix or 'without a suffix'}: open_clip reads "
+                "it by its suffix, rename it to .safetensors"
+            )
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                weights.keys()
+        except Exception as err:
+            raise CLIPWeightsError(
+                f"{option} {str(path)!r} is not a readable safetensors file (truncated or corrupt: "
+                f"{' '.join(str(err).split())[:120]}): {fix}"
+            ) from None
+    elif kind == "zip":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(file) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise CLIPWeightsError(
+                f"{option} {str(path)!r} is a truncated or corrupt archive ({err}): {fix}"
+            ) from None
+        if suffix not in (".npz", ".npy") and not any(name.endswith("data.pkl") for name in names):
+            raise CLIPWeightsError(f"{option} {str(path)!r} is a zip archive but not a PyTorch checkpoint: {fix}")
+    return file
+
+
 def load_open_clip(
     model_name: str = DEFAULT_CLIP_MODEL,
     pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
@@ -126,9 +202,7 @@ def load_open_clip(
     schema, identifier = parse_model_name(model_name)
     create_kwargs: dict = {"device": device, "cache_dir": cache_dir}
     if checkpoint is not None:
-        checkpoint = Path(checkpoint).expanduser()
-        if not checkpoint.is_file():
-            raise CLIPWeightsNotFoundError(f"CLIP checkpoint file not found: {checkpoint}")
+        checkpoint = check_weights_file(checkpoint, "CLIP checkpoint")
 
     if schema == "local-dir":
         folder = Path(identifier).expanduser()
@@ -147,10 +221,10 @@ def load_open_clip(
         config = try_to_load_from_cache(identifier, "open_clip_config.json", cache_dir=cache_dir)
         weights = [try_to_load_from_cache(identifier, name, cache_dir=cache_dir) for name in _HF_WEIGHT_FILES]
         have_weights = checkpoint is not None or any(isinstance(w, str) for w in weights)
-        if not (isinstance(config, str) and have_weights) and not allow_download:
+        if not (isinstance(config, str) and have_weights) and not (allow_download and not hub_offline()):
             raise CLIPWeightsNotFoundError(
-                f"open_clip model {model_name} is not in the Hugging Face cache: fetch it with "
-                f"`hf download {identifier} open_clip_config.json {_HF_WEIGHT_FILES[0]}` "
+                f"open_clip model {model_name} is not in the Hugging Face cache{_OFFLINE_NOTE if allow_download else ''}: "
+                f"fetch it with `hf download {identifier} open_clip_config.json {_HF_WEIGHT_FILES[0]}` "
                 "(or rerun with --clip-download), or use local-dir:/path/to/folder"
             )
         create_kwargs["model_name"] = model_name
@@ -161,7 +235,7 @@ def load_open_clip(
         create_kwargs["model_name"] = name
         tag_cfg = {}
         if pretrained and os.path.isfile(os.path.expanduser(pretrained)):
-            checkpoint = checkpoint or Path(pretrained).expanduser()
+            checkpoint = checkpoint or check_weights_file(pretrained, "CLIP pretrained file")
         elif pretrained:
             tag_cfg = get_pretrained_cfg(name, pretrained)
             if not tag_cfg:
@@ -174,8 +248,18 @@ def load_open_clip(
             create_kwargs["force_preprocess_cfg"] = preprocess
             if checkpoint is None:
                 found = cached_pretrained_file(tag_cfg, cache_dir)
+                if found is None and allow_download and hub_offline():
+                    raise CLIPWeightsNotFoundError(
+                        _missing_weights_message(name, pretrained, tag_cfg, cache_dir) + _OFFLINE_NOTE
+                    )
                 if found is None and allow_download:
-                    found = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
+                    try:
+                        found = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
+                    except Exception as err:  # no network, no such file: the message says what to fetch
+                        raise CLIPWeightsNotFoundError(
+                            _missing_weights_message(name, pretrained, tag_cfg, cache_dir)
+                            + f" (the download failed: {type(err).__name__})"
+                        ) from None
                 if found is None:
                     raise CLIPWeightsNotFoundError(_missing_weights_message(name, pretrained, tag_cfg, cache_dir))
                 checkpoint = Path(found)

@@ -164,15 +164,32 @@ def resolve_weights(weights: str | os.PathLike, filename: str = WEIGHTS_FILENAME
 
 def check_local_paths(base: str | os.PathLike | None = None, weights: str | os.PathLike | None = None) -> None:
     """The one-line errors of `resolve_base` / `resolve_weights` for local paths, without loading anything and
-    without the network (hub ids are left to the loaders): for checks before any work."""
+    without the network: for checks before any work. Hub ids are left to the loaders, except with
+    `HF_HUB_OFFLINE=1`, when they must be in the Hugging Face cache."""
+    from teachers.base import cached_hub_file, hub_offline, missing_pipeline_files
+
     if weights is not None:
         text = os.fspath(weights)
         if Path(text).expanduser().exists() or not (_looks_like_hub_id(text) and not Path(text).suffix):
             resolve_weights(weights)
+        elif hub_offline() and cached_hub_file(text, WEIGHTS_FILENAME) is None:
+            raise StudentFileNotFoundError(
+                f"weights {text!r} are not a local path and {WEIGHTS_FILENAME} of the hub repo {text} is not in the "
+                f"local cache (HF_HUB_OFFLINE is set): fetch it with `hf download {text} {WEIGHTS_FILENAME} "
+                "--local-dir DIR` and pass DIR, or unset HF_HUB_OFFLINE"
+            )
     if base is not None:
         text = os.fspath(base)
         if Path(text).expanduser().exists() or not _looks_like_hub_id(text):
             resolve_base(base)
+            return
+        missing = missing_pipeline_files(text, ("unet", "vae", "scheduler", "text_encoder", "tokenizer"))
+        if missing:  # only with HF_HUB_OFFLINE=1 (else None: the loader downloads it)
+            raise StudentFileNotFoundError(
+                f"base model {text!r} is not a local directory and the hub id is not in the local cache (HF_HUB_OFFLINE "
+                f"is set; lacking {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): fetch it with "
+                f"`hf download {text} --local-dir DIR` and pass DIR, or unset HF_HUB_OFFLINE"
+            )
 
 
 # -------------------------------------------------------------------------------------- official layout

@@ -298,12 +298,15 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         self.student = student.train()  # from_pretrained returns it in eval mode; Lightning keeps modes as found
         self._check_background_width()
 
-    def check_inputs(self) -> None:
-        """One-line errors for a local base model or `init_weights` that is not there, before anything loads
-        (`prd fit` calls it up front; hub ids are checked when they load)."""
+    def check_inputs(self, check_base: bool = True) -> None:
+        """One-line errors for weights that are not on this machine, before anything loads (`prd fit` calls it up
+        front): a local base model (unless `check_base=False`: `prd demo` builds its own) or `init_weights` that is
+        not there, the teachers' weights (local files, and with `HF_HUB_OFFLINE=1` hub ids not in the cache; online,
+        hub ids are fetched when they load)."""
         from lightning_modules.student.weights import check_local_paths
 
-        check_local_paths(self.base, self.init_weights)
+        check_local_paths(self.base if check_base else None, self.init_weights)
+        self.teachers.check_weights()
 
     def _check_background_width(self) -> None:
         embedding = getattr(self.background, "default_embedding", None)
