@@ -36,9 +36,10 @@ What the reference does (TriplaneTurbo, commit bc047f3), established from its so
   "no zero crossing" means no value < 0 or no value >= 0 (the reference tests all > 0 or all < 0;
   the two differ only when values are exactly 0).
 
-Our implementation: the topology comes from PyMCubes (or scikit-image) run on the SIGN of the padded
-grid (inside +1, outside -1), so every output vertex lies exactly at the midpoint of one grid edge and
-identifies that edge; the vertex positions are then recomputed in torch, differentiably, from the SDF
+Our implementation: the topology comes from marching cubes run on the SIGN of the padded grid (inside +1,
+outside -1): by default `marching_cubes_torch.sign_topology` (vectorised, on the SDF's device, PyMCubes' case
+table and output order), or PyMCubes / scikit-image themselves; every output vertex lies at the midpoint of one
+grid edge and identifies that edge; the vertex positions are then recomputed in torch, differentiably, from the SDF
 values and the deformed positions of the two endpoints, with diso's formula above. When the SDF has a
 sign change, the topology is that of classic marching cubes on the signs (as diso's).
 
@@ -177,20 +178,29 @@ def _shrink_gradient(x: Tensor, factor: float) -> Tensor:
     return factor * x + (1.0 - factor) * x.detach()
 
 
+EXTRACTORS = ("torch", "mcubes", "skimage")
+
+
 @dataclass
 class _Topology:
     """Crossed grid edges of one object and the triangles over them.
 
     edge_ends: [E, 2] flat indices into the grid padded by one layer, (R + 2)^3.
     faces:     [F, 3] int64 indices into the E edges (= mesh vertices).
+    NumPy arrays from PyMCubes / scikit-image, tensors on the SDF's device from the "torch" extractor.
     """
 
-    edge_ends: np.ndarray
-    faces: np.ndarray
+    edge_ends: np.ndarray | Tensor
+    faces: np.ndarray | Tensor
 
 
-def _sign_topology(inside: np.ndarray, extractor: str) -> _Topology:
+def _sign_topology(inside: np.ndarray | Tensor, extractor: str) -> _Topology:
     """Marching-cubes topology of the boolean volume `inside [R, R, R]`, padded by one outside layer."""
+    if extractor == "torch":  # on the volume's device; PyMCubes' table, vertices and triangle order
+        from renderers.marching_cubes_torch import sign_topology
+
+        return _Topology(*sign_topology(torch.as_tensor(inside)))
+    inside = inside.cpu().numpy() if isinstance(inside, Tensor) else inside
     res = inside.shape[0]
     padded = res + 2
     volume = -np.ones((padded, padded, padded), dtype=np.float64)
@@ -205,7 +215,7 @@ def _sign_topology(inside: np.ndarray, extractor: str) -> _Topology:
         verts, faces, _, _ = measure.marching_cubes(volume, 0.0, method="lorensen")
         faces = faces[:, ::-1]  # scikit-image winds the other way for this volume
     else:
-        raise ValueError(f"unknown marching-cubes extractor {extractor!r}: use 'mcubes' or 'skimage'")
+        raise ValueError(f"unknown marching-cubes extractor {extractor!r}: use 'torch', 'mcubes' or 'skimage'")
     if len(faces) == 0:
         return _Topology(np.zeros((0, 2), np.int64), np.zeros((0, 3), np.int64))
     # Every vertex sits at the midpoint of one grid edge: one coordinate is k + 0.5, the others integers.
@@ -249,7 +259,9 @@ class DeformableMarchingCubes(nn.Module):
             renderer), "unit_sphere" (reference inference pipeline: ||p|| - 1) or "error" (raise
             `EmptySurfaceError`, a ValueError with a one-line message).
         chunk_size: grid points per object and per field call.
-        extractor: "mcubes" (PyMCubes) or "skimage" (scikit-image) for the topology.
+        extractor: the topology's: "torch" (renderers/marching_cubes_torch.py, vectorised on the SDF's device,
+            CUDA included; PyMCubes' table, so the same mesh), "mcubes" (PyMCubes, CPU) or "skimage"
+            (scikit-image, CPU).
 
     `forward(field, batch_size)` returns one `TriangleMesh` per object (a list of length B).
     """
@@ -263,7 +275,7 @@ class DeformableMarchingCubes(nn.Module):
         deformation_activation: Literal["identity", "tanh"] = "identity",
         empty_fallback: EmptyFallback = "center_border",
         chunk_size: int = 2**18,
-        extractor: Literal["mcubes", "skimage"] = "mcubes",
+        extractor: Literal["torch", "mcubes", "skimage"] = "torch",
     ) -> None:
         super().__init__()
         if resolution < 4:
@@ -272,8 +284,8 @@ class DeformableMarchingCubes(nn.Module):
             raise ValueError(f"unknown empty_fallback {empty_fallback!r}: use one of {', '.join(EMPTY_FALLBACKS)}")
         if deformation_activation not in ("identity", "tanh"):
             raise ValueError(f"unknown deformation_activation {deformation_activation!r}: use 'identity' or 'tanh'")
-        if extractor not in ("mcubes", "skimage"):
-            raise ValueError(f"unknown extractor {extractor!r}: use 'mcubes' or 'skimage'")
+        if extractor not in EXTRACTORS:
+            raise ValueError(f"unknown extractor {extractor!r}: use one of {', '.join(EXTRACTORS)}")
         self.resolution = int(resolution)
         self.sdf_grad_shrink = float(sdf_grad_shrink)
         self.deformation_grad_shrink = float(deformation_grad_shrink)
@@ -328,7 +340,7 @@ class DeformableMarchingCubes(nn.Module):
                 fallback = self._fallback_values(sdf, index)
                 inside = fallback < 0
             res = self.resolution
-            topologies.append(_sign_topology(inside.reshape(res, res, res).cpu().numpy(), self.extractor))
+            topologies.append(_sign_topology(inside.reshape(res, res, res), self.extractor))
             fallbacks.append(fallback)
         return topologies, fallbacks
 
@@ -352,7 +364,7 @@ class DeformableMarchingCubes(nn.Module):
         topologies, fallbacks = self._topologies(sdf_grid)
 
         # Grid vertices at the ends of crossed edges, per object, padded to a common length.
-        ends = [torch.from_numpy(t.edge_ends).to(device) for t in topologies]
+        ends = [torch.as_tensor(t.edge_ends, device=device) for t in topologies]
         real_vertices = []
         for end in ends:
             flat, is_real, _ = _padded_to_grid(end.reshape(-1), self.resolution)
@@ -397,7 +409,7 @@ class DeformableMarchingCubes(nn.Module):
         topologies, fallbacks = self._topologies(sdf.detach())
         meshes = []
         for b, topology in enumerate(topologies):
-            flat, is_real, _ = _padded_to_grid(torch.from_numpy(topology.edge_ends).to(sdf.device).reshape(-1), res)
+            flat, is_real, _ = _padded_to_grid(torch.as_tensor(topology.edge_ends, device=sdf.device).reshape(-1), res)
             used = torch.unique(flat[is_real])
             meshes.append(
                 self._assemble(
@@ -455,7 +467,7 @@ class DeformableMarchingCubes(nn.Module):
         lookup = torch.full((res**3,), -1, dtype=torch.long, device=device)
         lookup[used] = torch.arange(len(used), device=device)
 
-        ends = torch.from_numpy(topology.edge_ends).to(device)  # [E, 2]
+        ends = torch.as_tensor(topology.edge_ends, device=device)  # [E, 2]
         flat, is_real, coords = _padded_to_grid(ends, res)
         slot = lookup[flat].clamp_min(0)
         values = torch.where(is_real, sdf_used[slot], PAD_SDF_VALUE)
@@ -467,7 +479,7 @@ class DeformableMarchingCubes(nn.Module):
         safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
         t = torch.where(denominator == 0, torch.full_like(d0, 0.5), ((0.0 - d0) / safe).clamp(0.0, 1.0))
         vertices = positions[:, 0] + (positions[:, 1] - positions[:, 0]) * t[:, None]
-        faces = torch.from_numpy(topology.faces).to(device=device, dtype=torch.long)
+        faces = torch.as_tensor(topology.faces, device=device, dtype=torch.long)
         return TriangleMesh(vertices=vertices, faces=faces, used_fallback=fallback is not None)
 
 

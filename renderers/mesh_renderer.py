@@ -73,7 +73,7 @@ class MeshRenderer(nn.Module):
         deformation_activation: Literal["identity", "tanh"] = "identity",
         empty_fallback: EmptyFallback = "center_border",
         detach_empty: bool = False,
-        extractor: Literal["mcubes", "skimage"] = "mcubes",
+        extractor: Literal["torch", "mcubes", "skimage"] = "torch",
         chunk_size: int = 2**18,
         background: nn.Module | Sequence[float] | None = None,
         normal_flip_x: bool = True,
