@@ -84,7 +84,7 @@ def _pbr_material(texture=None) -> trimesh.visual.material.PBRMaterial:
     )
 
 
-def _unit_vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+def unit_vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Area-weighted vertex normals, unit length; +y where undefined (only degenerate faces around).
 
     Summed with bincount: several times faster than trimesh's angle-weighted `vertex_normals`.
@@ -256,7 +256,7 @@ def export_mesh(
     if path.suffix.lstrip(".").lower() != file_format:
         path = path.with_suffix(f".{file_format}")
     mesh = build_trimesh(vertices, faces, colors)
-    mesh.vertex_normals = _unit_vertex_normals(mesh.vertices, mesh.faces)
+    mesh.vertex_normals = unit_vertex_normals(mesh.vertices, mesh.faces)
     if uv_texture:
         mesh = _bake_uv_texture(mesh, color_fn, texture_size)
     path.parent.mkdir(parents=True, exist_ok=True)
