@@ -64,7 +64,8 @@ class TexturedAsset:
 
     vertices, normals: [M, 3] per atlas vertex (seam vertices split; normals unit, from the unsplit mesh so
     seams do not show); tangents: [M, 4] (glTF TANGENT); faces: [F, 3]; uvs: [M, 2] in [0, 1], v up;
-    maps: the baked albedo / normal images; stats: sizes and distances; seconds: time per stage.
+    maps: the baked albedo / normal images; stats: sizes and distances; seconds: wall-clock time per stage;
+    cpu_seconds: process CPU time per stage (all threads).
     """
 
     vertices: np.ndarray
@@ -76,15 +77,17 @@ class TexturedAsset:
     roughness: float
     stats: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    cpu_seconds: dict = field(default_factory=dict)
 
 
 @contextmanager
-def _timed(seconds: dict, stage: str):
-    start = time.perf_counter()
+def _timed(seconds: dict, cpu_seconds: dict, stage: str):
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
         seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+        cpu_seconds[stage] = cpu_seconds.get(stage, 0.0) + time.process_time() - cpu
 
 
 def make_asset(vertices, faces, color_fn: ColorFn, sdf_fn: SdfFn | None = None,
@@ -93,17 +96,18 @@ def make_asset(vertices, faces, color_fn: ColorFn, sdf_fn: SdfFn | None = None,
     `color_fn` (points [K, 3] -> RGB [K, 3]) and `sdf_fn` (points [K, 3] -> (sdf [K], gradient [K, 3]))."""
     settings = settings or AssetSettings()
     seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     full_v, full_f = np.asarray(vertices, np.float64), np.asarray(faces, np.int64)
-    with _timed(seconds, "decimate"):
+    with _timed(seconds, cpu, "decimate"):
         small_v, small_f = decimate(full_v, full_f, settings.faces)
     stats = dict(full_vertices=len(full_v), full_faces=len(full_f), vertices=len(small_v), faces=len(small_f),
                  texture_size=settings.texture_size)
     if settings.measure_distance:
-        with _timed(seconds, "distance"):
+        with _timed(seconds, cpu, "distance"):
             stats["distance_to_full_mesh"] = surface_distance(small_v, small_f, full_v, full_f).as_dict()
-    with _timed(seconds, "unwrap"):
+    with _timed(seconds, cpu, "unwrap"):
         atlas = unwrap(small_v, small_f, settings.texture_size)
-    with _timed(seconds, "bake"):
+    with _timed(seconds, cpu, "bake"):
         positions = small_v[atlas.vertex_map]
         normals = unit_vertex_normals(small_v, small_f)[atlas.vertex_map]
         tangents = vertex_tangents(positions, normals, atlas.uvs, atlas.faces)
@@ -112,12 +116,12 @@ def make_asset(vertices, faces, color_fn: ColorFn, sdf_fn: SdfFn | None = None,
     stats["atlas_vertices"] = len(positions)
     stats["atlas_coverage"] = float(maps.coverage.mean())
     return TexturedAsset(positions, atlas.faces, atlas.uvs, normals, tangents, maps, float(settings.roughness),
-                         stats, seconds)
+                         stats, seconds, cpu)
 
 
 def write_asset(path: str | Path, asset: TexturedAsset, file_format: str | None = None) -> Path:
     """Write the asset as PBR GLB (default) or OBJ / MTL with both maps; adds the "write" time."""
-    with _timed(asset.seconds, "write"):
+    with _timed(asset.seconds, asset.cpu_seconds, "write"):
         return write_textured_mesh(
             path, asset.vertices, asset.faces, asset.uvs, asset.normals, asset.tangents, asset.maps.albedo,
             asset.maps.normal, asset.roughness, file_format,
