@@ -26,6 +26,7 @@ def decimate(vertices, faces, max_faces: int) -> tuple[np.ndarray, np.ndarray]:
 
     vertices: [N, 3] float; faces: [F, 3] int. Returns ([N', 3] float64, [F', 3] int64) with
     F' <= max_faces and only referenced vertices; a mesh already within budget comes back as is (copied).
+    Small closed parts (floaters of a few faces) may collapse away entirely: no back-to-back pair is left.
     """
     import fast_simplification
 
@@ -40,8 +41,20 @@ def decimate(vertices, faces, max_faces: int) -> tuple[np.ndarray, np.ndarray]:
             vertices, faces.astype(np.int32), target_count=max_faces, agg=agg, preserve_border=True
         )
         if len(small_f) <= max_faces:
-            return np.asarray(small_v, np.float64), np.asarray(small_f, np.int64)
+            return _without_collapsed_pairs(np.asarray(small_v, np.float64), np.asarray(small_f, np.int64))
     raise ValueError(f"could not simplify {len(faces)} faces to {max_faces} (reached {len(small_f)})")
+
+
+def _without_collapsed_pairs(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop faces whose three vertices another face also uses (what the collapse of a small closed part
+    leaves: two back-to-back triangles of no volume) and the vertices no face uses any more."""
+    key = np.sort(faces, axis=1)
+    _, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    faces = faces[counts[inverse.ravel()] == 1]
+    used = np.zeros(len(vertices), bool)
+    used[faces.ravel()] = True
+    remap = np.cumsum(used) - 1
+    return vertices[used], remap[faces]
 
 
 @dataclass(frozen=True)

@@ -56,3 +56,24 @@ def test_surface_distance_of_concentric_spheres_is_the_gap():
     # the flat triangles sit up to ~0.0005 inside their sphere
     assert distance.chamfer == pytest.approx(0.02, abs=0.001)
     assert distance.hausdorff == pytest.approx(0.02, abs=0.001)
+
+
+def test_small_parts_that_collapse_leave_no_back_to_back_triangles():
+    import fast_simplification
+
+    vertices, faces = _icosphere(4)
+    # an 8-face octahedron floater of radius 0.01 beside the sphere, as marching cubes leaves them
+    floater_v = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]]) * 0.01 + [0.8, 0, 0]
+    floater_f = np.array([[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5], [3, 1, 5], [0, 3, 5]])
+    all_v = np.concatenate([vertices, floater_v])
+    all_f = np.concatenate([faces, floater_f + len(vertices)])
+    # the case at hand: the simplifier itself leaves faces that share their three vertices
+    _, raw_f = fast_simplification.simplify(all_v, all_f.astype(np.int32), target_count=1000)
+    assert len(np.unique(np.sort(raw_f, axis=1), axis=0)) < len(raw_f)
+    small_v, small_f = decimate(all_v, all_f, 1000)
+    assert 950 <= len(small_f) <= 1000
+    assert len(np.unique(np.sort(small_f, axis=1), axis=0)) == len(small_f)  # no two faces on the same vertices
+    assert np.isin(np.arange(len(small_v)), small_f).all()
+    radius = np.linalg.norm(small_v, axis=1)
+    near_floater = np.linalg.norm(small_v - [0.8, 0.0, 0.0], axis=1) < 0.05
+    assert (near_floater | (np.abs(radius - RADIUS) < 0.01 * RADIUS)).all()
