@@ -177,6 +177,8 @@ def generate_meshes(
     asset = AssetSettings() if asset is True else (asset or None)
     if asset is not None and file_format not in ("glb", "obj"):
         raise UserError(f"an asset needs glb or obj, not {file_format}: PLY has no textures")
+    if asset is not None and faces is not None:
+        raise UserError("an asset takes its face budget from AssetSettings(faces=...): leave faces unset")
     if faces is not None and faces < 4:
         raise UserError(f"faces must be at least 4, got {faces}")
     out_dir = Path(out_dir)
