@@ -15,6 +15,7 @@ from lightning_modules.evaluation.meshes import load_mesh
 from lightning_modules.student import TriplaneStudent
 from lightning_modules.student.generation import generate_meshes
 from renderers.asset import AssetSettings
+from renderers.errors import UserError
 
 PROMPT = "a red car"
 
@@ -89,3 +90,11 @@ def test_faces_alone_decimates_the_vertex_colour_export(tmp_path, student):
     field = student.sample(student.encode_prompt([PROMPT]), noise=student.make_noise(1, seed=0))
     expected = field.color(torch.as_tensor(mesh.vertices, dtype=torch.float32)[None])[0].clamp(0, 1)
     assert np.abs(mesh.colors - expected.detach().numpy()).max() <= 0.5 / 255 + 1e-6
+
+
+def test_api_refuses_faces_beside_an_asset_and_an_asset_in_ply(tmp_path, student):
+    with pytest.raises(UserError, match="AssetSettings"):
+        generate_meshes(student, [PROMPT], tmp_path / "a", faces=100, asset=True, progress=False)
+    with pytest.raises(UserError, match="an asset needs glb or obj, not ply"):
+        generate_meshes(student, [PROMPT], tmp_path / "b", file_format="ply", asset=True, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
