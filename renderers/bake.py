@@ -162,11 +162,12 @@ class FieldSampler:
 
     field: anything with `color(points [1, K, 3]) -> [1, K, 3]` and `sdf(points [1, K, 3]) -> [1, K]`,
     differentiable w.r.t. the points (the SDF gradient comes from autograd). device / dtype: where and how
-    the points are evaluated.
+    the points are evaluated; chunk: points per call (64k: twice as fast as 256k on a 2-core CPU, whose
+    caches the full-size triplane lookups of larger chunks overflow).
     """
 
     def __init__(self, field, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 chunk: int = 262_144):
+                 chunk: int = 65_536):
         self.field, self.device, self.dtype, self.chunk = field, torch.device(device), dtype, chunk
 
     def _chunks(self, points: np.ndarray):
