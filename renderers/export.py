@@ -84,7 +84,7 @@ def _pbr_material(texture=None) -> trimesh.visual.material.PBRMaterial:
     )
 
 
-def _unit_vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+def unit_vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Area-weighted vertex normals, unit length; +y where undefined (only degenerate faces around).
 
     Summed with bincount: several times faster than trimesh's angle-weighted `vertex_normals`.
@@ -150,20 +150,31 @@ def _write_glb(path: Path, mesh: trimesh.Trimesh, material: str) -> None:
 
 def _with_color_0(glb: bytes, rgb: np.ndarray) -> bytes:
     """The GLB of one primitive with `rgb` ([N, 3] floats, linear) appended as its COLOR_0."""
+    return _with_attribute(glb, "COLOR_0", rgb)
+
+
+def _with_attribute(glb: bytes, name: str, values: np.ndarray) -> bytes:
+    """The GLB of one primitive with `values` ([N, 3] or [N, 4] floats) appended as vertex attribute `name`."""
     import pygltflib
 
     gltf = pygltflib.GLTF2.load_from_bytes(glb)
     blob = gltf.binary_blob()
     blob += b"\0" * (-len(blob) % 4)
-    data = np.ascontiguousarray(rgb, dtype="<f4").tobytes()
+    data = np.ascontiguousarray(values, dtype="<f4").tobytes()
     gltf.bufferViews.append(
         pygltflib.BufferView(buffer=0, byteOffset=len(blob), byteLength=len(data), target=pygltflib.ARRAY_BUFFER)
     )
     gltf.accessors.append(pygltflib.Accessor(
-        bufferView=len(gltf.bufferViews) - 1, componentType=pygltflib.FLOAT, count=len(rgb), type=pygltflib.VEC3
+        bufferView=len(gltf.bufferViews) - 1, componentType=pygltflib.FLOAT, count=len(values),
+        type=pygltflib.VEC4 if values.shape[1] == 4 else pygltflib.VEC3,
     ))
     (primitive,) = gltf.meshes[0].primitives
-    primitive.attributes.COLOR_0 = len(gltf.accessors) - 1
+    setattr(primitive.attributes, name, len(gltf.accessors) - 1)
+    # vertex and index views say what they hold (the glTF validator's hint; trimesh leaves it unset)
+    for index in [i for i in vars(primitive.attributes).values() if isinstance(i, int)]:
+        gltf.bufferViews[gltf.accessors[index].bufferView].target = pygltflib.ARRAY_BUFFER
+    if primitive.indices is not None:
+        gltf.bufferViews[gltf.accessors[primitive.indices].bufferView].target = pygltflib.ELEMENT_ARRAY_BUFFER
     gltf.set_binary_blob(blob + data)
     gltf.buffers[0].byteLength = len(blob) + len(data)
     return b"".join(gltf.save_to_bytes())
@@ -256,7 +267,7 @@ def export_mesh(
     if path.suffix.lstrip(".").lower() != file_format:
         path = path.with_suffix(f".{file_format}")
     mesh = build_trimesh(vertices, faces, colors)
-    mesh.vertex_normals = _unit_vertex_normals(mesh.vertices, mesh.faces)
+    mesh.vertex_normals = unit_vertex_normals(mesh.vertices, mesh.faces)
     if uv_texture:
         mesh = _bake_uv_texture(mesh, color_fn, texture_size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,4 +277,68 @@ def export_mesh(
         _write_obj(path, mesh, material)
     else:
         mesh.export(path, file_type="ply", vertex_normal=True)
+    return path
+
+
+def write_textured_mesh(
+    path: str | Path,
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    uvs: np.ndarray,
+    normals: np.ndarray,
+    tangents: np.ndarray | None,
+    albedo: np.ndarray,
+    normal_map: np.ndarray | None = None,
+    roughness: float = 1.0,
+    file_format: str | None = None,
+) -> Path:
+    """A PBR-textured mesh: GLB (baseColorTexture, normalTexture, NORMAL, TANGENT, metallic 0, roughness)
+    or OBJ with `<stem>.mtl`, `<stem>.png` (albedo) and `<stem>_normal.png` beside it.
+
+    World coordinates as everywhere in this module: vertices, normals (unit) [M, 3]; tangents [M, 4]
+    (xyz unit, w = +-1; needed with a normal map); faces [F, 3]; uvs [M, 2] in [0, 1], v up; albedo
+    [T, T, 3] uint8 sRGB and normal_map [T, T, 3] uint8 tangent-space (linear), row 0 at v = 1.
+    OBJ has no tangent attribute: viewers derive the frame from the UVs (MikkTSpace), close to ours.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    file_format = (file_format or path.suffix.lstrip(".") or "glb").lower()
+    if file_format not in ("glb", "obj"):
+        raise ValueError(f"a textured mesh is written as glb or obj, not {file_format!r}")
+    if normal_map is not None and tangents is None:
+        raise ValueError("a normal map needs the vertex tangents")
+    if path.suffix.lstrip(".").lower() != file_format:
+        path = path.with_suffix(f".{file_format}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    material = trimesh.visual.material.PBRMaterial(
+        name="material", baseColorTexture=Image.fromarray(albedo),
+        normalTexture=None if normal_map is None else Image.fromarray(normal_map),
+        metallicFactor=0.0, roughnessFactor=float(roughness),
+    )
+    mesh = trimesh.Trimesh(
+        vertices=world_to_viewer(np.asarray(vertices, np.float64)), faces=np.asarray(faces, np.int64),
+        vertex_normals=world_to_viewer(np.asarray(normals, np.float64)),
+        visual=trimesh.visual.TextureVisuals(uv=uvs, material=material), process=False,
+    )
+    if file_format == "obj":
+        from trimesh.exchange.obj import export_obj
+
+        path.write_text(export_obj(mesh, include_normals=True, header=None, mtl_name=f"{path.stem}.mtl"))
+        material.baseColorTexture.save(path.with_suffix(".png"))
+        lines = ["newmtl material", "Ka 0 0 0", "Kd 1 1 1", "Ks 0 0 0", "Ns 0", "Pm 0", f"Pr {roughness:g}",
+                 "illum 1", f"map_Kd {path.stem}.png"]
+        if normal_map is not None:
+            normal_file = path.with_name(f"{path.stem}_normal.png")
+            material.normalTexture.save(normal_file)
+            lines.append(f"norm {normal_file.name}")  # the MTL PBR extension's tangent-space normal map
+        path.with_suffix(".mtl").write_text("\n".join(lines) + "\n")
+        return path
+    from trimesh.exchange.gltf import export_glb
+
+    glb = export_glb(mesh, include_normals=True)
+    if tangents is not None:
+        tangents = np.asarray(tangents, np.float64)
+        glb = _with_attribute(glb, "TANGENT", np.concatenate([world_to_viewer(tangents[:, :3]), tangents[:, 3:]], 1))
+    path.write_bytes(glb)
     return path

@@ -3,6 +3,10 @@
     prd generate "a prompt" ["another" ... | --prompts-file F] --out DIR [--seed N]
                  [--format glb|obj|ply] [--base ...] [--weights ...] [--resolution 160]
                  [--batch-size N] [--uv-texture] [--device auto|cpu|cuda] [--dtype float32|float16|bfloat16]
+                 [--asset [--faces 20000] [--texture-size 1024] [--roughness 1]] [--faces N]
+
+`--asset`: a game-ready PBR asset per prompt (decimated to --faces, UV atlas, albedo and normal maps baked
+from the field, GLB or OBJ / MTL); `--faces` alone decimates the vertex-colour (or --uv-texture) export.
 
 Object i of the run is drawn from noise seeded with `seed + i`, so a mesh does not depend on the batch
 size or on the other prompts. The output folder gets one mesh per prompt and `manifest.json`
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.cli.arguments import CommandParser, int_at_least
+from lightning_modules.cli.arguments import CommandParser, float_in, int_at_least
 from lightning_modules.cli.paths import output_folder
 from lightning_modules.student.generation import (
     MAX_PROMPT_CHARS,
@@ -27,6 +31,7 @@ from lightning_modules.student.generation import (
     resolve_device,
     validate_prompts,
 )
+from renderers.asset import MAX_TEXTURE_SIZE, AssetSettings
 from renderers.errors import UserError
 from renderers.export import EXPORT_FORMATS, MATERIALS
 
@@ -59,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int_at_least(4, 1024), default=160, help="marching-cubes grid vertices per axis")
     p.add_argument("--batch-size", type=int_at_least(1), default=4)
     p.add_argument("--uv-texture", action="store_true", help="unwrap with xatlas and bake a texture (glb / obj)")
-    p.add_argument("--texture-size", type=int_at_least(16, 16384), default=1024, help="texels per side (--uv-texture)")
+    p.add_argument("--texture-size", type=int_at_least(16, 16384), default=1024,
+                   help=f"texels per side (--uv-texture; --asset: at most {MAX_TEXTURE_SIZE})")
+    p.add_argument("--asset", action="store_true",
+                   help="game-ready asset: decimate to --faces, unwrap, bake albedo + normal maps, PBR glb / obj")
+    p.add_argument("--faces", type=int_at_least(4), default=None,
+                   help="face budget of the written mesh (decimation; --asset default 20000)")
+    p.add_argument("--roughness", type=float_in(0.0, 1.0), default=None, help="--asset material roughness (default 1)")
     p.add_argument("--material", choices=MATERIALS, default="pbr",
                    help="glb / obj material: pbr (metallic 0, roughness 1) or unlit (colours shown as is)")
     p.add_argument("--empty-surface", choices=("unit_sphere", "error"), default="unit_sphere",
@@ -89,6 +100,15 @@ def main(argv: list[str]) -> int:
     if args.material != "pbr" and args.file_format != "glb" and not args.uv_texture:
         raise UserError(f"--material {args.material} needs --format glb (or obj with --uv-texture): a vertex-colour "
                         f"{args.file_format.upper()} has no material")
+    asset = None
+    if args.asset:
+        if args.file_format == "ply" or args.uv_texture or args.material != "pbr":
+            raise UserError("--asset writes a PBR glb or obj with its own textures: drop --format ply, --uv-texture "
+                            "and --material unlit")
+        asset = AssetSettings(faces=args.faces or AssetSettings.faces, texture_size=args.texture_size,
+                              roughness=1.0 if args.roughness is None else args.roughness)
+    elif args.roughness is not None:
+        raise UserError("--roughness sets the material of --asset: add --asset")
     device = resolve_device(args.device)
     out_dir = output_folder(args.out, "--out")
 
@@ -105,7 +125,7 @@ def main(argv: list[str]) -> int:
     records = generate_meshes(
         student, prompts, out_dir, seed=args.seed, file_format=args.file_format, resolution=args.resolution,
         batch_size=args.batch_size, uv_texture=args.uv_texture, texture_size=args.texture_size,
-        material=args.material,
+        material=args.material, faces=None if asset else args.faces, asset=asset,
         empty_surface=args.empty_surface, timer=timer, progress=not args.no_progress,
     )
     manifest = dict(

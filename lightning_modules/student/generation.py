@@ -1,6 +1,11 @@
 """Prompts -> coloured mesh files with a trained TriplaneTurbo student (the library behind `prd generate`).
 
     records = generate_meshes(student, ["a wooden chair"], "meshes/", seed=0, file_format="glb")
+    records = generate_meshes(student, prompts, "assets/", asset=AssetSettings(faces=20_000))  # game-ready
+
+`asset` (`renderers.asset`): the mesh is decimated to a face budget, unwrapped, and albedo and normal maps
+are baked from the field into a PBR GLB (or OBJ / MTL); `faces` alone decimates a vertex-colour (or
+`uv_texture`) export. Either way the record gets the Chamfer / Hausdorff distance to the full mesh.
 
 Object i of a run is drawn from noise seeded with `seed + i`, so a mesh does not depend on the batch
 size or on the other prompts. Each record names the prompt, its seed, the file written and the mesh
@@ -20,6 +25,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from renderers.asset import AssetSettings, make_asset, write_asset
+from renderers.bake import FieldSampler
+from renderers.decimation import decimate, surface_distance
 from renderers.errors import UserError
 from renderers.export import export_mesh
 from renderers.marching_cubes import EmptySurfaceError, extract_mesh
@@ -112,10 +120,16 @@ class _ObjectOfBatch:
     def __init__(self, field, index: int) -> None:
         self.field, self.index = field, index
 
-    def color(self, points):  # [1, N, 3] -> [1, N, 3]
+    def _batch(self, points):
         batch = points.new_zeros(self.field.batch_size, *points.shape[1:])
         batch[self.index] = points[0]
-        return self.field.color(batch)[self.index : self.index + 1]
+        return batch
+
+    def color(self, points):  # [1, N, 3] -> [1, N, 3]
+        return self.field.color(self._batch(points))[self.index : self.index + 1]
+
+    def sdf(self, points):  # [1, N, 3] -> [1, N]
+        return self.field.sdf(self._batch(points))[self.index : self.index + 1]
 
 
 def _object_field(field, index: int):
@@ -148,13 +162,25 @@ def generate_meshes(
     empty_surface: str = "unit_sphere",
     timer: StageTimer | None = None,
     progress: bool = True,
+    faces: int | None = None,
+    asset: AssetSettings | bool | None = None,
 ) -> list[dict]:
     """Generate one mesh per prompt into `out_dir`; returns one manifest record per prompt.
 
     Prompt i uses noise `student.make_noise(1, seed=seed + i)`. `empty_surface` is the marching-cubes
     fallback when an SDF has no zero crossing ("unit_sphere" as the released pipeline, or "error").
+    faces: decimate to this many faces before a vertex-colour / `uv_texture` export. asset: `AssetSettings`
+    (True: the defaults) for a game-ready PBR asset (glb / obj): decimate, unwrap, bake albedo + normal map;
+    its record gets "asset" (stats, distances, seconds per stage).
     """
     prompts = validate_prompts(list(prompts))
+    asset = AssetSettings() if asset is True else (asset or None)
+    if asset is not None and file_format not in ("glb", "obj"):
+        raise UserError(f"an asset needs glb or obj, not {file_format}: PLY has no textures")
+    if asset is not None and faces is not None:
+        raise UserError("an asset takes its face budget from AssetSettings(faces=...): leave faces unset")
+    if faces is not None and faces < 4:
+        raise UserError(f"faces must be at least 4, got {faces}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = timer if timer is not None else StageTimer()
@@ -175,43 +201,54 @@ def generate_meshes(
                 meshes = extract_mesh(field_batch, resolution=resolution, empty_fallback=empty_surface)
             except EmptySurfaceError as err:
                 raise UserError(f"{err} (prompts {start + 1}-{start + len(batch)})") from None
-            colors = [
+            colors = [  # vertex colours (an asset bakes its maps instead)
+                None if asset is not None else
                 _object_field(field_batch, i).color(m.vertices[None].to(device, student.dtype))[0]
                 for i, m in enumerate(meshes)
             ]
         with timer("export", device):
             for i, (prompt, mesh, rgb) in enumerate(zip(batch, meshes, colors, strict=True)):
                 index = start + i
-                color_fn = None
-                if uv_texture:
-                    obj = _object_field(field_batch, i)
-
-                    def color_fn(points, obj=obj):
-                        pts = torch.as_tensor(points, dtype=student.dtype, device=device)[None]
-                        return obj.color(pts)[0].float().cpu().numpy()
-
-                path = export_mesh(
-                    out_dir / f"{index:04d}_{slugify(prompt)}.{file_format}",
-                    mesh.vertices.float(),
-                    mesh.faces,
-                    rgb.float().clamp(0, 1),
-                    file_format=file_format,
-                    uv_texture=uv_texture,
-                    texture_size=texture_size,
-                    color_fn=color_fn,
-                    material=material,
-                )
-                records.append(
-                    dict(
-                        index=index,
-                        prompt=prompt,
-                        seed=seed + index,
-                        file=path.name,
-                        vertices=mesh.num_vertices,
-                        faces=mesh.num_faces,
-                        empty_surface_fallback=bool(mesh.used_fallback),
-                    )
-                )
+                path = out_dir / f"{index:04d}_{slugify(prompt)}.{file_format}"
+                obj = _object_field(field_batch, i)
+                record = dict(index=index, prompt=prompt, seed=seed + index)
+                if asset is not None:
+                    record.update(_write_asset(path, mesh, obj, asset, file_format, device, student.dtype))
+                else:
+                    record.update(_write_mesh(path, mesh, rgb, obj, faces, file_format, uv_texture, texture_size,
+                                              material, device, student.dtype))
+                record["empty_surface_fallback"] = bool(mesh.used_fallback)
+                records.append(record)
         bar.update(len(batch))
     bar.close()
     return records
+
+
+def _write_asset(path: Path, mesh, obj, settings: AssetSettings, file_format: str, device, dtype) -> dict:
+    """The game-ready asset of one object (sub-field `obj`): its manifest entries."""
+    sampler = FieldSampler(obj, device=device, dtype=dtype)
+    built = make_asset(mesh.vertices.detach().float().cpu().numpy(), mesh.faces.detach().cpu().numpy(),
+                       sampler.color, sampler.sdf, settings)
+    written = write_asset(path, built, file_format)
+    stats = dict(built.stats)
+    return dict(file=written.name, vertices=stats.pop("atlas_vertices"), faces=stats.pop("faces"),
+                asset=dict(stats, roughness=settings.roughness, seconds=dict(built.seconds)))
+
+
+def _write_mesh(path: Path, mesh, rgb, obj, faces, file_format, uv_texture, texture_size, material, device,
+                dtype) -> dict:
+    """The vertex-colour (or `uv_texture`) file of one object, decimated to `faces` when given."""
+    vertices, triangles, entries = mesh.vertices.float(), mesh.faces, {}
+    if faces is not None and mesh.num_faces > faces:
+        full_v, full_f = vertices.detach().cpu().numpy(), triangles.detach().cpu().numpy()
+        small_v, small_f = decimate(full_v, full_f, faces)
+        entries = dict(full_vertices=mesh.num_vertices, full_faces=mesh.num_faces,
+                       distance_to_full_mesh=surface_distance(small_v, small_f, full_v, full_f).as_dict())
+        vertices, triangles = torch.as_tensor(small_v, dtype=torch.float32), torch.as_tensor(small_f)
+        rgb = obj.color(vertices[None].to(device, dtype))[0]
+    color_fn = None
+    if uv_texture:
+        color_fn = FieldSampler(obj, device=device, dtype=dtype).color
+    written = export_mesh(path, vertices, triangles, rgb.float().clamp(0, 1), file_format=file_format,
+                          uv_texture=uv_texture, texture_size=texture_size, color_fn=color_fn, material=material)
+    return dict(file=written.name, vertices=len(vertices), faces=len(triangles), **entries)

@@ -1,0 +1,193 @@
+"""Texture baking from a field onto a UV-unwrapped light mesh: albedo and a tangent-space normal map.
+
+    maps = bake_maps(positions, normals, uvs, faces, size=1024, color_fn=..., sdf_fn=...)
+
+Each texel centre inside a triangle of the atlas gets its 3D point on the light mesh (barycentric
+interpolation). One Newton step along the SDF gradient, p - sdf(p) grad / |grad|^2, moves it onto the
+field's own surface, where the colour field gives the albedo; the normalised SDF gradient is the
+full-resolution surface normal, written in the tangent frame a glTF viewer builds from the mesh's NORMAL
+and TANGENT attributes (bitangent = w cross(N, T), the three interpolated per texel and normalised), so
+the light mesh is shaded with the full mesh's detail. Empty texels (gutters) get the value of the nearest
+baked texel, so texture filtering and mipmaps never pull in black at chart seams.
+
+Frames: everything here is in one frame (the caller's); the tangent-space normal map does not depend on
+it. Images are [size, size, C] with row 0 at v = 1 (the top of the picture, as image files store it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from renderers.uv_bake import rasterize_uv
+
+ColorFn = Callable[[np.ndarray], np.ndarray]  # world points [K, 3] -> RGB [K, 3] in [0, 1]
+SdfFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # points [K, 3] -> (sdf [K], gradient [K, 3])
+
+
+@dataclass
+class BakedMaps:
+    """albedo: [T, T, 3] uint8 (sRGB, as the colour field's values); normal: [T, T, 3] uint8 tangent-space
+    normals encoded (n + 1) / 2 (linear), or None without an SDF; coverage: [T, T] bool, texels baked before
+    the gutters were filled. Row 0 is v = 1."""
+
+    albedo: np.ndarray
+    normal: np.ndarray | None
+    coverage: np.ndarray
+
+
+def _unit(x: np.ndarray, fallback=(0.0, 0.0, 1.0)) -> np.ndarray:
+    length = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.where(length > 1e-12, x / np.maximum(length, 1e-12), np.asarray(fallback, x.dtype))
+
+
+def vertex_tangents(positions: np.ndarray, normals: np.ndarray, uvs: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """glTF TANGENT [M, 4]: xyz unit, orthogonal to the unit vertex normal, along +u; w = +-1 such that
+    w cross(N, T) points along +v (v up: the +Y of the normal map is up in the picture).
+
+    positions, normals: [M, 3]; uvs: [M, 2]; faces: [F, 3]. Per-face dP/du and dP/dv, weighted by the
+    face's UV area, summed at its corners; a vertex without UV extent gets any unit vector orthogonal to N.
+    """
+    p, t = positions[faces], uvs[faces]  # [F, 3, 3], [F, 3, 2]
+    e1, e2 = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
+    d1, d2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
+    det = d1[:, 0] * d2[:, 1] - d2[:, 0] * d1[:, 1]  # 2 x signed UV area
+    sign = np.sign(det)[:, None]
+    # dP/du * |det| and dP/dv * |det|
+    du = (e1 * d2[:, 1:2] - e2 * d1[:, 1:2]) * sign
+    dv = (e2 * d1[:, 0:1] - e1 * d2[:, 0:1]) * sign
+    tangent = np.zeros_like(positions)
+    bitangent = np.zeros_like(positions)
+    for k in range(3):
+        np.add.at(tangent, faces[:, k], du)
+        np.add.at(bitangent, faces[:, k], dv)
+    tangent -= normals * np.einsum("ij,ij->i", tangent, normals)[:, None]
+    # fallback: the axis least aligned with the normal, made orthogonal to it
+    axis = np.eye(3)[np.argmin(np.abs(normals), axis=1)]
+    fallback = _unit(axis - normals * np.einsum("ij,ij->i", axis, normals)[:, None])
+    length = np.linalg.norm(tangent, axis=1, keepdims=True)
+    tangent = np.where(length > 1e-12, tangent / np.maximum(length, 1e-12), fallback)
+    w = np.where(np.einsum("ij,ij->i", np.cross(normals, tangent), bitangent) < 0, -1.0, 1.0)
+    return np.concatenate([tangent, w[:, None]], axis=1)
+
+
+def tangent_frames(normals: np.ndarray, tangents: np.ndarray, faces: np.ndarray, face_ids: np.ndarray,
+                   bary: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The viewer's per-fragment frame at K surface points: (T, B, N), each [K, 3] unit.
+
+    normals [M, 3], tangents [M, 4] per vertex; face_ids [K], bary [K, 3]. B = w cross(N, T) per vertex,
+    then all three interpolated and normalised (what three.js and the glTF sample viewer do).
+    """
+    bitangents = tangents[:, 3:] * np.cross(normals, tangents[:, :3])
+    corners = faces[face_ids]  # [K, 3]
+
+    def interpolate(values):
+        return _unit(np.einsum("kc,kcd->kd", bary, values[corners]))
+
+    return interpolate(tangents[:, :3]), interpolate(bitangents), interpolate(normals)
+
+
+def to_tangent_space(vectors: np.ndarray, frame: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """[K, 3] unit vectors n -> their unit coordinates x with x_T T + x_B B + x_N N parallel to n (the
+    frame need not be orthogonal: the inverse of the matrix [T B N], by cross products)."""
+    t, b, n = frame
+    det = np.einsum("ij,ij->i", t, np.cross(b, n))[:, None]
+    det = np.where(np.abs(det) > 1e-12, det, 1.0)
+    coords = np.stack([np.einsum("ij,ij->i", vectors, np.cross(b, n)), np.einsum("ij,ij->i", vectors, np.cross(n, t)),
+                       np.einsum("ij,ij->i", vectors, np.cross(t, b))], axis=1) / det
+    return _unit(coords)
+
+
+def fill_gutters(image: np.ndarray, coverage: np.ndarray) -> np.ndarray:
+    """[T, T, C] image whose uncovered texels take the value of the nearest covered texel ([T, T] bool)."""
+    from scipy.ndimage import distance_transform_edt
+
+    if coverage.all() or not coverage.any():
+        return image
+    rows, cols = distance_transform_edt(~coverage, return_distances=False, return_indices=True)
+    return image[rows, cols]
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] -> uint8, rounded."""
+    return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+
+
+def bake_maps(
+    positions: np.ndarray,
+    normals: np.ndarray,
+    tangents: np.ndarray | None,
+    uvs: np.ndarray,
+    faces: np.ndarray,
+    size: int,
+    color_fn: ColorFn,
+    sdf_fn: SdfFn | None = None,
+) -> BakedMaps:
+    """Bake albedo (and with `sdf_fn` a tangent-space normal map) into `size`^2 textures.
+
+    positions, normals: [M, 3] per atlas vertex (normals unit, as written to the file); tangents: [M, 4]
+    (`vertex_tangents`, needed with sdf_fn); uvs: [M, 2] in [0, 1], v up; faces: [F, 3].
+    color_fn: points [K, 3] -> RGB [K, 3] in [0, 1]; sdf_fn: points [K, 3] -> (sdf [K], gradient [K, 3]).
+    """
+    face_ids, bary = rasterize_uv(uvs, faces, size)  # row 0 = v = 0
+    face_ids, bary = face_ids[::-1], bary[::-1]  # row 0 = v = 1
+    coverage = face_ids >= 0
+    ids, weights = face_ids[coverage], bary[coverage]  # [K], [K, 3]
+    points = np.einsum("kc,kcd->kd", weights, positions[faces[ids]])
+    normal_image = None
+    if sdf_fn is not None:
+        if tangents is None:
+            raise ValueError("a normal map needs the vertex tangents")
+        sdf, gradient = sdf_fn(points)
+        squared = np.maximum(np.einsum("ij,ij->i", gradient, gradient), 1e-12)
+        points = points - (sdf / squared)[:, None] * gradient  # one Newton step onto the field's surface
+        field_normals = _unit(gradient, fallback=(0.0, 0.0, 0.0))
+        frame = tangent_frames(normals, tangents, faces, ids, weights)
+        flat = np.linalg.norm(field_normals, axis=1) < 0.5  # no gradient: keep the mesh normal
+        field_normals[flat] = frame[2][flat]
+        encoded = np.zeros((size, size, 3), np.float64)
+        encoded[..., 2] = 1.0
+        encoded[coverage] = to_tangent_space(field_normals, frame)
+        normal_image = to_uint8(fill_gutters((encoded + 1.0) / 2.0, coverage))
+    albedo = np.zeros((size, size, 3), np.float64)
+    albedo[coverage] = np.asarray(color_fn(points), np.float64)
+    return BakedMaps(to_uint8(fill_gutters(albedo, coverage)), normal_image, coverage)
+
+
+class FieldSampler:
+    """`color_fn` / `sdf_fn` of one object of a `renderers.types.Field` (batch size 1), in chunks.
+
+    field: anything with `color(points [1, K, 3]) -> [1, K, 3]` and `sdf(points [1, K, 3]) -> [1, K]`,
+    differentiable w.r.t. the points (the SDF gradient comes from autograd). device / dtype: where and how
+    the points are evaluated; chunk: points per call (64k: twice as fast as 256k on a 2-core CPU, whose
+    caches the full-size triplane lookups of larger chunks overflow).
+    """
+
+    def __init__(self, field, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 chunk: int = 65_536):
+        self.field, self.device, self.dtype, self.chunk = field, torch.device(device), dtype, chunk
+
+    def _chunks(self, points: np.ndarray):
+        tensor = torch.as_tensor(np.asarray(points), dtype=self.dtype, device=self.device)
+        return tensor.split(self.chunk)
+
+    @torch.no_grad()
+    def color(self, points: np.ndarray) -> np.ndarray:
+        """[K, 3] points -> [K, 3] RGB clamped to [0, 1]."""
+        out = [self.field.color(c[None])[0].clamp(0, 1).float().cpu() for c in self._chunks(points)]
+        return torch.cat(out).numpy().astype(np.float64)
+
+    def sdf(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[K, 3] points -> (sdf [K], gradient [K, 3])."""
+        values, gradients = [], []
+        for c in self._chunks(points):
+            with torch.enable_grad():
+                c = c.detach().requires_grad_(True)
+                sdf = self.field.sdf(c[None])[0]
+                (grad,) = torch.autograd.grad(sdf.sum(), c)
+            values.append(sdf.detach().float().cpu())
+            gradients.append(grad.float().cpu())
+        return torch.cat(values).numpy().astype(np.float64), torch.cat(gradients).numpy().astype(np.float64)
