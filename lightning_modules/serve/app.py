@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from fastapi import APIRouter, Request  # at module level: FastAPI resolves the route's annotations here
 
@@ -28,6 +29,7 @@ from renderers.errors import UserError
 from renderers.export import EXPORT_FORMATS
 
 log = logging.getLogger(__name__)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local server does not report to gradio's servers
 MEDIA_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
 FAILED = "generation failed ({}): the server keeps serving; try again, or a lower resolution"
 
