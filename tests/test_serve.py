@@ -123,6 +123,26 @@ def test_bad_request_is_one_line_error(student, prompt, seed, resolution, fmt, m
     assert "\n" not in str(err.value) and isinstance(err.value, UserError)
 
 
+@pytest.mark.parametrize("fmt, uv, message", [("ply", True, "a UV texture needs format glb or obj"),
+                                               ("glb", "yes", "uv_texture must be true or false"),
+                                               ("obj", 1, "uv_texture must be true or false")])
+def test_bad_uv_texture_request_is_one_line_error(fmt, uv, message):
+    with pytest.raises(RequestError, match=message):
+        check_request("a chair", 0, 64, fmt, uv_texture=uv)
+
+
+def test_uv_texture_glb_is_textured_and_obj_comes_zipped(model):
+    import zipfile
+
+    glb = model.generate_from("a red car", 0, RESOLUTION, "glb", uv_texture=True)
+    textured = trimesh.load(glb.mesh_file, process=False, force="mesh")
+    assert textured.visual.kind == "texture" and textured.visual.material.baseColorTexture.size == (512, 512)
+    obj = model.generate_from("a red car", 0, RESOLUTION, "obj", uv_texture=True)
+    assert obj.mesh_file.suffix == ".zip"
+    with zipfile.ZipFile(obj.mesh_file) as archive:
+        assert sorted(archive.namelist()) == sorted(f"{obj.glb_file.stem}.{s}" for s in ("obj", "mtl", "png"))
+
+
 def test_usable_requests_are_cleaned_with_notices(student):
     request, notices = check_request("  a\x00red\tcar\x7f ", "7", 32.0, " .OBJ", student.tokenizer)
     assert (request.prompt, request.seed, request.resolution, request.file_format) == ("a red car", 7, 32, "obj")
@@ -195,6 +215,7 @@ def test_api_json_reply_links_files_that_download(client):
         (b'{"prompt": "a chair", "resolution": 100000}', 422, "resolution must be in"),
         (b'{"prompt": "a chair", "format": "fbx"}', 422, "unknown format 'fbx'"),
         (b'{"prompt": "a chair", "seed": "x"}', 422, "seed must be an integer"),
+        (b'{"prompt": "a chair", "format": "ply", "uv_texture": true}', 422, "a UV texture needs format glb or obj"),
     ],
 )
 def test_api_bad_input_is_4xx_with_one_line(client, content, status, message):
@@ -249,3 +270,18 @@ def test_serve_without_weights_or_demo_says_run_make_demo(tmp_path, monkeypatch,
 def test_serve_argument_errors_are_one_line(tmp_path, capsys, argv, message):
     code = main(["serve", "--weights", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
     assert message in _one_line(code, capsys.readouterr().err)
+
+
+def test_serve_defaults_to_the_demo_student_when_make_demo_wrote_it(tmp_path, monkeypatch):
+    from lightning_modules.serve.command import DEMO_BASE, DEMO_STUDENT, resolve_weights
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / DEMO_STUDENT).mkdir(parents=True)
+    (tmp_path / DEMO_BASE).mkdir(parents=True)
+    assert resolve_weights(None, None) == (str(DEMO_BASE), str(DEMO_STUDENT))
+    assert resolve_weights("my_base", "my.pth") == ("my_base", "my.pth")  # given weights win
+
+
+def test_serve_with_missing_weights_is_one_line(tmp_path, capsys):
+    code = main(["serve", "--weights", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert "absent.pth" in _one_line(code, capsys.readouterr().err)

@@ -3,12 +3,13 @@
     app = create_app(model, concurrency=1, max_queue=32)   # model: a `ServeModel`
     uvicorn.run(app, host="127.0.0.1", port=7860)
 
-The page (`/`): prompt (with DreamFusion-style examples), seed, grid resolution and format in; a 3D view of the
+The page (`/`): prompt (with DreamFusion-style examples), seed, grid resolution, format and UV texture in; a 3D view of the
 GLB, a turntable strip, the file to download and the seconds per stage out. Requests go through gradio's queue
 (`concurrency` at once, at most `max_queue` waiting); a failed request shows its one-line message in the page
 and the server keeps serving.
 
-The API: `POST /generate` with a JSON body `{"prompt": ..., "seed": 0, "resolution": 64, "format": "glb"}`
+The API: `POST /generate` with a JSON body `{"prompt": ..., "seed": 0, "resolution": 64, "format": "glb",
+"uv_texture": false}`
 returns the mesh file (timings and notices in the `X-PRD-Timings` / `X-PRD-Notices` headers, JSON), or with
 `?response=json` a JSON summary with `url`, `glb_url` and `turntable_url` (`GET /files/<id>/<name>`). Bad input
 is a 4xx with `{"error": "<one line>"}`.
@@ -30,7 +31,7 @@ from renderers.export import EXPORT_FORMATS
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local server does not report to gradio's servers
-MEDIA_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
+MEDIA_TYPES = {".glb": "model/gltf-binary", ".obj": "model/obj", ".ply": "application/octet-stream", ".zip": "application/zip"}
 FAILED = "generation failed ({}): the server keeps serving; try again, or a lower resolution"
 
 
@@ -43,10 +44,10 @@ def timings_markdown(result: MeshResult) -> str:
     return "\n".join([head, "", *rows, *([""] + notes if notes else [])])
 
 
-def page_outputs(model: ServeModel, prompt, seed, resolution, file_format) -> tuple[str, str | None, str, str]:
+def page_outputs(model: ServeModel, prompt, seed, resolution, file_format, uv_texture=False) -> tuple[str, str | None, str, str]:
     """What the page shows for one request: (GLB for the 3D view, turntable PNG, file to download, timings
     Markdown); a `UserError` for bad input."""
-    result = model.generate_from(prompt, seed, resolution, file_format)
+    result = model.generate_from(prompt, seed, resolution, file_format, uv_texture)
     turntable = str(result.turntable_file) if result.turntable_file else None
     return str(result.glb_file), turntable, str(result.mesh_file), timings_markdown(result)
 
@@ -55,9 +56,9 @@ def page_handler(model: ServeModel):
     """`page_outputs` with every failure as a `gr.Error` (shown in the page; the server keeps serving)."""
     import gradio as gr
 
-    def generate(prompt, seed, resolution, file_format):
+    def generate(prompt, seed, resolution, file_format, uv_texture=False):
         try:
-            return page_outputs(model, prompt, seed, resolution, file_format)
+            return page_outputs(model, prompt, seed, resolution, file_format, uv_texture)
         except UserError as err:
             raise gr.Error(one_line(err)) from None
         except Exception as err:  # out of memory, a bug: logged, and the page says so in one line
@@ -79,6 +80,7 @@ def build_page(model: ServeModel, concurrency: int = 1, max_queue: int = 32):
                 seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
                 resolution = gr.Slider(MIN_RESOLUTION, MAX_RESOLUTION, value=64, step=1, label="Grid resolution")
                 file_format = gr.Radio(list(EXPORT_FORMATS), value="glb", label="Format")
+                uv_texture = gr.Checkbox(False, label="UV texture (GLB, OBJ: unwrapped and baked; OBJ comes zipped)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples([[e] for e in EXAMPLES], inputs=[prompt])
             with gr.Column():
@@ -86,7 +88,7 @@ def build_page(model: ServeModel, concurrency: int = 1, max_queue: int = 32):
                 turntable = gr.Image(label="Turntable", type="filepath", elem_id="turntable")
                 download = gr.File(label="Download", elem_id="download")
                 timings = gr.Markdown(elem_id="timings")
-        button.click(page_handler(model), [prompt, seed, resolution, file_format], [view, turntable, download, timings],
+        button.click(page_handler(model), [prompt, seed, resolution, file_format, uv_texture], [view, turntable, download, timings],
                      api_name="generate", concurrency_limit=concurrency)
     page.queue(max_size=max_queue, default_concurrency_limit=concurrency)
     return page
@@ -112,9 +114,9 @@ async def _parse_body(request) -> dict:
                            '{"prompt": "...", "seed": 0, "resolution": 64, "format": "glb"}') from None
     if not isinstance(body, dict):
         raise RequestError('the request body must be a JSON object: {"prompt": "...", ...}')
-    unknown = sorted(set(body) - {"prompt", "seed", "resolution", "format"})
+    unknown = sorted(set(body) - {"prompt", "seed", "resolution", "format", "uv_texture"})
     if unknown:
-        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}: use prompt, seed, resolution, format")
+        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}: use prompt, seed, resolution, format, uv_texture")
     if "prompt" not in body:
         raise RequestError('no "prompt" in the request body: send {"prompt": "a wooden chair"}')
     return body
@@ -134,7 +136,7 @@ def api_router(model: ServeModel):
         try:
             body = await _parse_body(request)
             checked, notices = model.check(body["prompt"], body.get("seed", 0), body.get("resolution", 64),
-                                           body.get("format", "glb"))
+                                           body.get("format", "glb"), body.get("uv_texture", False))
             result = await run_in_threadpool(model.generate, checked, notices)
         except RequestError as err:
             return _error(422, err)
@@ -149,7 +151,7 @@ def api_router(model: ServeModel):
                     if path is not None}
             return {**result.summary(), **urls}
         headers = {"X-PRD-Timings": json.dumps(result.timings), "X-PRD-Notices": json.dumps(result.notices)}
-        return FileResponse(result.mesh_file, media_type=MEDIA_TYPES[result.request.file_format],
+        return FileResponse(result.mesh_file, media_type=MEDIA_TYPES[result.mesh_file.suffix],
                             filename=result.mesh_file.name, headers=headers)
 
     @router.get("/files/{request_id}/{name}")

@@ -37,6 +37,7 @@ def build_parser() -> CommandParser:
     p.add_argument("--concurrency", type=int_at_least(1, 64), default=1, help="generations run at once (queued beyond)")
     p.add_argument("--max-queue", type=int_at_least(1, 10000), default=32, help="requests waiting at most (then refused)")
     p.add_argument("--turntable-frames", type=int_at_least(0, 36), default=8, help="views in the turntable strip (0: none)")
+    p.add_argument("--texture-size", type=int_at_least(16, 4096), default=512, help="texels per side of UV textures")
     p.add_argument("--empty-surface", choices=("unit_sphere", "error"), default="unit_sphere",
                    help="when a field has no surface: the released pipeline's unit sphere, or an error message")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -71,7 +72,8 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     student = TriplaneStudent.from_pretrained(base, weights=weights, device=device)
     student.merge_adapters()
-    model = ServeModel(student, out_dir, turntable_frames=args.turntable_frames, empty_surface=args.empty_surface)
+    model = ServeModel(student, out_dir, turntable_frames=args.turntable_frames, empty_surface=args.empty_surface,
+                        texture_size=args.texture_size)
     print(f"loaded {weights} in {time.perf_counter() - start:.1f} s; serving on http://{args.host}:{args.port}/ "
           f"(API: POST /generate), files in {out_dir}", flush=True)
     uvicorn.run(create_app(model, args.concurrency, args.max_queue), host=args.host, port=args.port, log_level="warning")

@@ -80,17 +80,17 @@ class ServeModel:
     """
 
     def __init__(self, student, out_dir: str | Path, turntable_frames: int = 8, turntable_size: int = 128,
-                 empty_surface: str = "unit_sphere") -> None:
+                 empty_surface: str = "unit_sphere", texture_size: int = 512) -> None:
         self.student = student
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.turntable_frames, self.turntable_size = turntable_frames, turntable_size
-        self.empty_surface = empty_surface
+        self.empty_surface, self.texture_size = empty_surface, texture_size
         self.lock = threading.Lock()
 
-    def check(self, prompt, seed=0, resolution=64, file_format="glb") -> tuple[MeshRequest, list[str]]:
+    def check(self, prompt, seed=0, resolution=64, file_format="glb", uv_texture=False) -> tuple[MeshRequest, list[str]]:
         """`check_request` with the student's tokenizer (prompts cut to its 77 tokens)."""
-        return check_request(prompt, seed, resolution, file_format, getattr(self.student, "tokenizer", None))
+        return check_request(prompt, seed, resolution, file_format, getattr(self.student, "tokenizer", None), uv_texture)
 
     def generate(self, request: MeshRequest, notices: list[str] | tuple = ()) -> MeshResult:
         """Generate `request` into a new folder; `UserError` (e.g. an empty surface with empty_surface="error")
@@ -103,7 +103,7 @@ class ServeModel:
             record = generate_meshes(
                 self.student, [request.prompt], folder, seed=request.seed, file_format="glb",
                 resolution=request.resolution, batch_size=1, empty_surface=self.empty_surface, timer=timer,
-                progress=False,
+                progress=False, uv_texture=request.uv_texture, texture_size=self.texture_size,
             )[0]
         glb_file = path_inside(self.out_dir, request_id, record["file"])
         timings = dict(timer.seconds)
@@ -114,7 +114,8 @@ class ServeModel:
             mesh = load_mesh(glb_file)  # world frame, colours in [0, 1]
         if request.file_format != "glb":
             start = time.perf_counter()
-            mesh_file = self._convert(mesh, path_inside(self.out_dir, request_id, f"{glb_file.stem}.{request.file_format}"))
+            path = path_inside(self.out_dir, request_id, f"{glb_file.stem}.{request.file_format}")
+            mesh_file = self._convert(mesh, path, request.uv_texture, self.texture_size)
             timings["export"] = timings.get("export", 0.0) + time.perf_counter() - start
         if self.turntable_frames:
             start = time.perf_counter()
@@ -124,16 +125,28 @@ class ServeModel:
         return MeshResult(request, request_id, folder, mesh_file, glb_file, turntable_file, record["vertices"],
                           record["faces"], timings, list(notices))
 
-    def generate_from(self, prompt, seed=0, resolution=64, file_format="glb") -> MeshResult:
+    def generate_from(self, prompt, seed=0, resolution=64, file_format="glb", uv_texture=False) -> MeshResult:
         """`check` then `generate`: a `RequestError` for bad input, else the result."""
-        request, notices = self.check(prompt, seed, resolution, file_format)
+        request, notices = self.check(prompt, seed, resolution, file_format, uv_texture)
         return self.generate(request, notices)
 
     @staticmethod
-    def _convert(mesh, path: Path) -> Path:
+    def _convert(mesh, path: Path, uv_texture: bool, texture_size: int) -> Path:
+        """`mesh` (world frame, colours `[N, 3]`) written as `path`; a textured OBJ comes as a zip of the OBJ, its
+        MTL and PNG (one file to download)."""
         from renderers.export import export_mesh
 
-        return export_mesh(path, mesh.vertices, mesh.faces, np.clip(mesh.colors, 0, 1), file_format=path.suffix[1:])
+        written = export_mesh(path, mesh.vertices, mesh.faces, np.clip(mesh.colors, 0, 1), file_format=path.suffix[1:],
+                              uv_texture=uv_texture, texture_size=texture_size)
+        if not (uv_texture and path.suffix == ".obj"):
+            return written
+        import zipfile
+
+        archive = path.with_suffix(".zip")
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+            for part in (written, path.with_suffix(".mtl"), path.with_suffix(".png")):
+                zipped.write(part, part.name)
+        return archive
 
     def _turntable(self, mesh, path: Path) -> Path:
         """A strip of `turntable_frames` views `[H, frames W, 3]` around the mesh (world frame), as PNG."""

@@ -37,6 +37,7 @@ class MeshRequest:
     seed: int = 0
     resolution: int = 64
     file_format: str = "glb"
+    uv_texture: bool = False  # xatlas unwrap and a baked texture (GLB, OBJ)
 
 
 def clean_prompt(prompt: object) -> tuple[str, list[str]]:
@@ -95,7 +96,8 @@ def _integer(value: object, name: str, low: int, high: int) -> int:
 
 
 def check_request(
-    prompt: object, seed: object = 0, resolution: object = 64, file_format: object = "glb", tokenizer=None
+    prompt: object, seed: object = 0, resolution: object = 64, file_format: object = "glb", tokenizer=None,
+    uv_texture: object = False,
 ) -> tuple[MeshRequest, list[str]]:
     """The checked request and its notices, or a one-line `RequestError`."""
     text, notices = clean_prompt(prompt)
@@ -103,10 +105,15 @@ def check_request(
     fmt = str(file_format).strip().lower().lstrip(".") if isinstance(file_format, str) else file_format
     if fmt not in EXPORT_FORMATS:
         raise RequestError(f"unknown format {file_format!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    if not isinstance(uv_texture, bool):
+        raise RequestError(f"uv_texture must be true or false, got {uv_texture!r}")
+    if uv_texture and fmt == "ply":
+        raise RequestError("a UV texture needs format glb or obj: PLY stores vertex colours only")
     request = MeshRequest(
         prompt=text,
         seed=_integer(seed, "seed", 0, MAX_SEED),
         resolution=_integer(resolution, "resolution", MIN_RESOLUTION, MAX_RESOLUTION),
         file_format=fmt,
+        uv_texture=uv_texture,
     )
     return request, notices + cut
