@@ -83,6 +83,7 @@ def test_page_shows_a_failed_request_as_one_line_and_keeps_serving(model, monkey
         assert "\n" not in err.value.message
     glb, *_ = handler("a chair", 0, RESOLUTION, "glb")  # the next request is served
     assert trimesh.load(glb, force="mesh").vertices.shape[0] > 0
+    assert [p.name for p in model.out_dir.iterdir()] == [Path(glb).parent.name]  # the failed one left nothing
 
 
 def test_page_builds_with_its_queue(model):
@@ -285,3 +286,11 @@ def test_serve_defaults_to_the_demo_student_when_make_demo_wrote_it(tmp_path, mo
 def test_serve_with_missing_weights_is_one_line(tmp_path, capsys):
     code = main(["serve", "--weights", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert "absent.pth" in _one_line(code, capsys.readouterr().err)
+
+
+def test_the_fallback_sphere_comes_with_a_notice(model, monkeypatch):
+    real = serve_model.generate_meshes
+    monkeypatch.setattr(serve_model, "generate_meshes",
+                        lambda *a, **k: [dict(r, empty_surface_fallback=True) for r in real(*a, **k)])
+    result = model.generate_from("a chair", 0, 16, "glb")
+    assert len(result.notices) == 1 and "fallback unit sphere; try another seed" in result.notices[0]

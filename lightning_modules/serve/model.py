@@ -12,6 +12,7 @@ to lie inside `out_dir`. The student runs one request at a time (a lock), whiche
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -66,7 +67,8 @@ class MeshResult:
         """JSON-ready: prompt, seed, resolution, format, file names, sizes, timings, notices."""
         return dict(
             request_id=self.request_id, prompt=self.request.prompt, seed=self.request.seed,
-            resolution=self.request.resolution, format=self.request.file_format, file=self.mesh_file.name,
+            resolution=self.request.resolution, format=self.request.file_format, uv_texture=self.request.uv_texture,
+            file=self.mesh_file.name,
             glb=self.glb_file.name, turntable=self.turntable_file.name if self.turntable_file else None,
             vertices=self.vertices, faces=self.faces, timings_seconds=self.timings, notices=self.notices,
         )
@@ -94,10 +96,18 @@ class ServeModel:
 
     def generate(self, request: MeshRequest, notices: list[str] | tuple = ()) -> MeshResult:
         """Generate `request` into a new folder; `UserError` (e.g. an empty surface with empty_surface="error")
-        when it cannot, with nothing left behind but the folder."""
+        when it cannot, with nothing left behind."""
         request_id = uuid.uuid4().hex
         folder = path_inside(self.out_dir, request_id)
         folder.mkdir()
+        try:
+            return self._generate_into(request, request_id, list(notices))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # a failed request leaves nothing behind
+            raise
+
+    def _generate_into(self, request: MeshRequest, request_id: str, notices: list[str]) -> MeshResult:
+        folder = path_inside(self.out_dir, request_id)
         timer = StageTimer()
         with self.lock:
             record = generate_meshes(
@@ -106,6 +116,8 @@ class ServeModel:
                 progress=False, uv_texture=request.uv_texture, texture_size=self.texture_size,
             )[0]
         glb_file = path_inside(self.out_dir, request_id, record["file"])
+        if record["empty_surface_fallback"]:
+            notices.append("the field has no surface at this seed: this is the fallback unit sphere; try another seed")
         timings = dict(timer.seconds)
         mesh_file, turntable_file = glb_file, None
         if request.file_format != "glb" or self.turntable_frames:
@@ -123,7 +135,7 @@ class ServeModel:
             timings["turntable"] = time.perf_counter() - start
         timings["total"] = sum(timings.values())
         return MeshResult(request, request_id, folder, mesh_file, glb_file, turntable_file, record["vertices"],
-                          record["faces"], timings, list(notices))
+                          record["faces"], timings, notices)
 
     def generate_from(self, prompt, seed=0, resolution=64, file_format="glb", uv_texture=False) -> MeshResult:
         """`check` then `generate`: a `RequestError` for bad input, else the result."""
