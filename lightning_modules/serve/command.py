@@ -34,7 +34,7 @@ def build_parser() -> CommandParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int_at_least(1, 65535), default=7860)
     p.add_argument("--out", default="outputs/serve", help="folder of the generated files (default: %(default)s)")
-    p.add_argument("--concurrency", type=int_at_least(1, 64), default=1, help="generations run at once (queued beyond)")
+    p.add_argument("--concurrency", type=int_at_least(1, 64), default=1, help="page requests taken from the queue at once (the student itself runs one at a time)")
     p.add_argument("--max-queue", type=int_at_least(1, 10000), default=32, help="requests waiting at most (then refused)")
     p.add_argument("--turntable-frames", type=int_at_least(0, 36), default=8, help="views in the turntable strip (0: none)")
     p.add_argument("--texture-size", type=int_at_least(16, 4096), default=512, help="texels per side of UV textures")
