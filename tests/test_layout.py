@@ -1,6 +1,6 @@
 """The layering of the packages: every module imports only its own layer and the layers below it.
 
-    lightning_modules/   demo > cli > training > evaluation > student   (inside, by subpackage)
+    lightning_modules/   serve > demo > cli > training > evaluation > student   (inside, by subpackage)
     teachers/            may import datamodules/, renderers/
     datamodules/         may import renderers/
     renderers/           imports none of the others
@@ -25,7 +25,7 @@ ALLOWED = {
     "lightning_modules": {"renderers", "datamodules", "teachers"},
 }
 # lightning_modules' subpackages, bottom first: each may import the ones before it
-SUBPACKAGES = ("student", "evaluation", "training", "cli", "demo")
+SUBPACKAGES = ("student", "evaluation", "training", "cli", "demo", "serve")
 
 
 def imported_modules(source: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:

@@ -4,6 +4,7 @@
     prd generate "a prompt" ... --out DIR      prompt -> mesh with a trained student
     prd eval ...                               CLIP score / retrieval of generated or given meshes
     prd demo [--config ...]                    the CPU demo of `make demo` (train, export, Chamfer before / after)
+    prd serve [--weights ...] [--port 7860]    web page and HTTP API (POST /generate): prompt -> mesh
 
 User errors (any `renderers.errors.UserError`: missing weights, bad input, unusable paths) end with a one-line
 message and exit code 2; so do Lightning's configuration errors (`MisconfigurationException`, e.g. an
@@ -23,6 +24,7 @@ EXTRA_COMMANDS = {
     "generate": "lightning_modules.cli.generate:main",
     "eval": "lightning_modules.cli.evaluate:main",
     "demo": "lightning_modules.demo.cpu_demo:main",
+    "serve": "lightning_modules.serve.command:main",
 }
 LIGHTNING_STAGES = ("fit", "validate", "test", "predict")
 
