@@ -48,6 +48,12 @@ def fixtures_dir():
 
 
 @pytest.fixture(scope="session")
+def ref_weights(fixtures_dir):
+    """The reference TriplaneTurbo checkpoint of the fixtures (tiny, random weights; original .pth format)."""
+    return fixtures_dir / "triplaneturbo_ref_A" / "triplane_turbo.pth"
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny random SD 2.x-style pipeline directory, shared by the whole session."""
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=0)

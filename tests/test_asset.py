@@ -12,25 +12,7 @@ from PIL import Image
 from renderers.asset import AssetSettings, AssetSettingsError, make_asset, write_asset
 from renderers.bake import FieldSampler
 from renderers.export import viewer_to_world
-
-RADIUS = 0.5
-
-
-def _icosphere(subdivisions: int, radius: float = RADIUS):
-    sphere = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
-    return np.asarray(sphere.vertices, np.float64), np.asarray(sphere.faces, np.int64)
-
-
-class _SphereField:
-    """A `renderers.types.Field` of one object: the sphere of radius RADIUS, colour = position."""
-
-    batch_size = 1
-
-    def sdf(self, points):
-        return points.norm(dim=-1) - RADIUS
-
-    def color(self, points):
-        return (points + 1) / 2
+from tests.asset_helpers import SphereField, icosphere
 
 
 def _image(gltf, texture_index):
@@ -50,8 +32,8 @@ def _accessor(gltf, index):
 
 
 def test_glb_round_trip_keeps_both_maps_tangents_and_the_material(tmp_path):
-    vertices, faces = _icosphere(4)
-    sampler = FieldSampler(_SphereField())
+    vertices, faces = icosphere(4)
+    sampler = FieldSampler(SphereField())
     settings = AssetSettings(faces=500, texture_size=64, roughness=0.6)
     asset = make_asset(vertices, faces, sampler.color, sampler.sdf, settings)
     assert asset.stats["faces"] <= 500 and asset.stats["full_faces"] == len(faces)
@@ -81,8 +63,8 @@ def test_glb_round_trip_keeps_both_maps_tangents_and_the_material(tmp_path):
 
 
 def test_obj_gets_the_same_maps(tmp_path):
-    vertices, faces = _icosphere(3)
-    sampler = FieldSampler(_SphereField())
+    vertices, faces = icosphere(3)
+    sampler = FieldSampler(SphereField())
     asset = make_asset(vertices, faces, sampler.color, sampler.sdf, AssetSettings(faces=300, texture_size=32))
     path = write_asset(tmp_path / "ball.obj", asset)
     mtl = path.with_suffix(".mtl").read_text().splitlines()
@@ -106,8 +88,8 @@ def test_bad_settings_are_one_line_errors(kwargs, message):
 
 
 def test_the_same_input_gives_the_same_asset():
-    vertices, faces = _icosphere(3)
-    sampler = FieldSampler(_SphereField())
+    vertices, faces = icosphere(3)
+    sampler = FieldSampler(SphereField())
     settings = AssetSettings(faces=200, texture_size=32)
     a = make_asset(vertices, faces, sampler.color, sampler.sdf, settings)
     b = make_asset(vertices, faces, sampler.color, sampler.sdf, settings)

@@ -3,18 +3,11 @@ that gives a flat-shaded polyhedron the sphere's normals. Oracles: brute-force t
 the glTF viewer's tangent-frame formula (three.js, the Khronos sample viewer)."""
 
 import numpy as np
-import trimesh
 
 from renderers.bake import FieldSampler, bake_maps, vertex_tangents
 from renderers.export import unit_vertex_normals
 from renderers.uv_atlas import unwrap
-
-RADIUS = 0.5
-
-
-def _icosphere(subdivisions: int, radius: float = RADIUS):
-    sphere = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
-    return np.asarray(sphere.vertices, np.float64), np.asarray(sphere.faces, np.int64)
+from tests.asset_helpers import RADIUS, SphereField, icosphere
 
 
 def _sphere_sdf(points):
@@ -50,7 +43,7 @@ def _texel_points(uvs, faces, positions, size):
 
 
 def test_albedo_of_colour_equals_position_matches_the_field_at_texel_centres():
-    vertices, faces = _icosphere(2)
+    vertices, faces = icosphere(2)
     size = 128
     atlas = unwrap(vertices, faces, size)
     assert len(atlas.faces) == len(faces) and (atlas.uvs >= 0).all() and (atlas.uvs <= 1).all()
@@ -94,7 +87,7 @@ def _viewer_normals(normals, tangents, faces, rows, cols, points, normal_map, uv
 
 
 def test_normal_map_from_a_sphere_sdf_restores_the_sphere_normals_on_a_coarse_polyhedron():
-    vertices, faces = _icosphere(1)  # 80 faces, each with its own 3 vertices: flat-shaded facets
+    vertices, faces = icosphere(1)  # 80 faces, each with its own 3 vertices: flat-shaded facets
     vertices, faces = vertices[faces].reshape(-1, 3), np.arange(3 * len(faces)).reshape(-1, 3)
     size = 128
     atlas = unwrap(vertices, faces, size)
@@ -126,20 +119,8 @@ def _texel_normals_without_map(normals, tangents, atlas, rows, cols, size):
     return _viewer_normals(normals, tangents, atlas.faces, rows, cols, np.zeros((len(rows), 3)), flat, atlas.uvs)
 
 
-class _SphereField:
-    """A `renderers.types.Field` of one object: the sphere of radius RADIUS, colour = position."""
-
-    batch_size = 1
-
-    def sdf(self, points):
-        return points.norm(dim=-1) - RADIUS
-
-    def color(self, points):
-        return (points + 1) / 2
-
-
 def test_field_sampler_gives_autograd_gradients():
-    sampler = FieldSampler(_SphereField(), chunk=7)
+    sampler = FieldSampler(SphereField(), chunk=7)
     points = np.random.default_rng(0).normal(size=(20, 3))
     sdf, gradient = sampler.sdf(points)
     expected_sdf, expected_gradient = _sphere_sdf(points)

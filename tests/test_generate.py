@@ -21,11 +21,6 @@ PROMPTS = ["a red car", "a blue chair"]
 
 
 @pytest.fixture(scope="module")
-def ref_weights(fixtures_dir):
-    return fixtures_dir / "triplaneturbo_ref_A" / "triplane_turbo.pth"
-
-
-@pytest.fixture(scope="module")
 def student(ref_weights):
     return TriplaneStudent.from_pretrained(None, weights=ref_weights)
 
