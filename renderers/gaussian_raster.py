@@ -171,16 +171,15 @@ def _composite_tiles(monomials: Tensor, coefficients: Tensor, features: Tensor, 
     log_alpha = torch.matmul(monomials, coefficients.transpose(-1, -2))  # [T, P, K]
     # clamped from below too: exp of very negative values is slow (denormals), and they are dropped anyway
     alpha = torch.exp(log_alpha.clamp(min=LOG_ALPHA_THRESHOLD - 1.0, max=math.log(max_alpha)))
-    alpha = torch.where(log_alpha < LOG_ALPHA_THRESHOLD, torch.zeros_like(alpha), alpha)
+    alpha = torch.where(log_alpha < LOG_ALPHA_THRESHOLD, 0.0, alpha)
     transmittance = torch.cumprod(1.0 - alpha, dim=-1)
-    saturated = transmittance[..., -1].detach() < MIN_TRANSMITTANCE
-    if bool(saturated.any()):
+    if bool((transmittance[..., -1] < MIN_TRANSMITTANCE).any()):
         # a pixel stops before the Gaussian that would take its transmittance below 1e-4; since the
         # transmittance only falls, the Gaussians it still takes are a prefix of the sorted list
-        alpha = alpha * (transmittance.detach() >= MIN_TRANSMITTANCE)
+        alpha = torch.where(transmittance.detach() < MIN_TRANSMITTANCE, 0.0, alpha)
         transmittance = torch.cumprod(1.0 - alpha, dim=-1)
-    before = transmittance / (1.0 - alpha)  # exclusive product; 1 - alpha >= 1 - max_alpha > 0
-    weights = alpha * before  # [T, P, K]
+    # weight_k = alpha_k T_{k-1} = T_{k-1} - T_k, with T_{-1} = 1
+    weights = -torch.diff(transmittance, dim=-1, prepend=torch.ones_like(transmittance[..., :1]))  # [T, P, K]
     return torch.matmul(weights, features), 1.0 - transmittance[..., -1:]
 
 
