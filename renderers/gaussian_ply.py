@@ -5,6 +5,11 @@ x y z, nx ny nz (zeros), f_dc_0..2 (degree-0 SH of R, G, B), f_rest_0..f_rest_{3
 coefficients channel-major: all of R's, then G's, then B's), opacity (logit), scale_0..2 (natural log),
 rot_0..3 (unit quaternion w x y z). Files with SH degree 0 or 1 (0 or 9 f_rest) are read; a quaternion
 read back is normalised, as renderers do.
+
+Axes: by default (`frame="viewer"`) a file holds the Gaussians in viewer axes (+y up, front +z), as the
+project's mesh exports do (renderers/export.py), so a splat and the GLB of the same object line up in a
+viewer; writing turns world-frame Gaussians into those axes and reading turns them back (centres,
+rotations and the view-dependent colour). `frame="world"` stores the world frame (+z up, front +x) as is.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ import torch
 from renderers.errors import UserError
 from renderers.gaussians import SH_DEGREES, Gaussians, num_sh_coefficients
 
+FRAMES = ("viewer", "world")
+# world -> viewer axes (x, y, z) -> (y, z, x), renderers.export.world_to_viewer, as a rotation quaternion
+_WORLD_TO_VIEWER = (0.5, -0.5, -0.5, -0.5)
+_VIEWER_TO_WORLD = (0.5, 0.5, 0.5, 0.5)
 # keeps opacities of exactly 0 or 1 finite as logits; renders change by < 1e-6
 _OPACITY_EPS = 1e-6
 _MIN_SCALE = 1e-30
@@ -39,13 +48,22 @@ def ply_property_names(sh_degree: int) -> list[str]:
     ]  # fmt: skip
 
 
-def write_gaussian_ply(path: str | Path, gaussians: Gaussians) -> None:
-    """Write exactly one object (B == 1) to `path` in the 3DGS layout (see the module docstring)."""
+def _check_frame(frame: str) -> None:
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {', '.join(FRAMES)}, got {frame!r}")
+
+
+def write_gaussian_ply(path: str | Path, gaussians: Gaussians, frame: str = "viewer") -> None:
+    """Write exactly one object (B == 1, world frame) to `path` in the 3DGS layout, in `frame` axes (see
+    the module docstring)."""
     from plyfile import PlyData, PlyElement
 
+    _check_frame(frame)
     if gaussians.batch_size != 1:
         raise ValueError(f"a PLY file holds one object, got a batch of {gaussians.batch_size}: use gaussians.select(i)")
     g = gaussians.detach().to(device="cpu", dtype=torch.float64)
+    if frame == "viewer":
+        g = g.transformed(torch.tensor(_WORLD_TO_VIEWER, dtype=torch.float64))
     count = g.num_gaussians
     sh = g.sh[0]  # [N, K, 3]
     columns = [
@@ -65,11 +83,27 @@ def write_gaussian_ply(path: str | Path, gaussians: Gaussians) -> None:
     PlyData([PlyElement.describe(rows, "vertex")], text=False).write(str(path))
 
 
-def read_gaussian_ply(path: str | Path) -> Gaussians:
-    """One object (B == 1) of float32 Gaussians from a 3DGS PLY file; `GaussianPlyError` (one line) when
-    the file is missing, is not a PLY file, or lacks a property of the layout."""
+def is_gaussian_ply(path: str | Path) -> bool:
+    """True when `path` starts with a PLY header whose vertex element has the 3DGS properties (f_dc_0,
+    opacity, scale_0, rot_0); reads the header only."""
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(1 << 16)
+    except OSError:
+        return False
+    if not header.startswith(b"ply"):
+        return False
+    names = {line.split()[-1] for line in header.split(b"end_header")[0].splitlines() if line.startswith(b"property")}
+    return {b"f_dc_0", b"opacity", b"scale_0", b"rot_0"} <= names
+
+
+def read_gaussian_ply(path: str | Path, frame: str = "viewer") -> Gaussians:
+    """One object (B == 1) of float32 Gaussians in the world frame from a 3DGS PLY file whose axes are
+    `frame`'s; `GaussianPlyError` (one line) when the file is missing, is not a PLY file, or lacks a
+    property of the layout."""
     from plyfile import PlyData
 
+    _check_frame(frame)
     path = Path(path)
     if not path.is_file():
         raise GaussianPlyError(f"Gaussian PLY file {path} does not exist")
@@ -115,4 +149,6 @@ def read_gaussian_ply(path: str | Path) -> Gaussians:
         opacities=torch.sigmoid(column("opacity")[:, 0])[None],
         sh=sh[None].contiguous(),
     )
+    if frame == "viewer":
+        gaussians = gaussians.transformed(torch.tensor(_VIEWER_TO_WORLD))
     return gaussians

@@ -43,6 +43,21 @@ def quaternion_to_rotation(quats: Tensor) -> Tensor:
     return torch.stack(rows, dim=-1).unflatten(-1, (3, 3))
 
 
+def quaternion_multiply(a: Tensor, b: Tensor) -> Tensor:
+    """Hamilton product a b of quaternions `[..., 4]` (w, x, y, z): the rotation b, then a."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        dim=-1,
+    )
+
+
 @dataclass
 class Gaussians:
     """B objects of N 3D Gaussians each, world frame of renderers/types.py.
@@ -112,6 +127,25 @@ class Gaussians:
                 raise IndexError(f"object {index} out of range for a batch of {self.batch_size}")
             index = slice(index, index + 1 if index != -1 else None)
         return self._map(lambda t: t[index])
+
+    def transformed(self, rotation: Tensor | None = None, scale: float = 1.0, offset: Tensor | None = None) -> Gaussians:
+        """The same objects moved by x -> scale R x + offset: R from the unit quaternion `rotation [4]`
+        (w, x, y, z; None: identity), `scale` > 0, `offset [3]`. Orientations and the view-dependent
+        colour (SH degree 1) turn with R, so every render from cameras moved the same way is unchanged."""
+        means, quats, sh = self.means * scale, self.quats, self.sh
+        if rotation is not None:
+            rotation = rotation.to(self.means)
+            matrix = quaternion_to_rotation(rotation)
+            means = means @ matrix.T
+            quats = quaternion_multiply(rotation.expand_as(quats), quats)
+            if self.sh_degree == 1:
+                # colour = d . a with a = (-sh_3, -sh_1, sh_2) per channel; a turns with the directions d
+                a = torch.stack([-sh[..., 3, :], -sh[..., 1, :], sh[..., 2, :]], dim=-2)  # [B, N, 3 (xyz), 3 (rgb)]
+                a = torch.einsum("ij,bnjc->bnic", matrix, a)
+                sh = torch.stack([sh[..., 0, :], -a[..., 1, :], a[..., 2, :], -a[..., 0, :]], dim=-2)
+        if offset is not None:
+            means = means + offset.to(means)
+        return Gaussians(means=means, quats=quats, scales=self.scales * scale, opacities=self.opacities, sh=sh)
 
     def colors(self, camera_positions: Tensor) -> Tensor:
         """RGB `[B, V, N, 3]` (>= 0) of every Gaussian seen from cameras at `camera_positions [B, V, 3]`."""

@@ -11,7 +11,7 @@ import renderers.gaussian_renderer as gaussian_renderer
 from renderers import GaussianRenderer, Gaussians
 from renderers.cameras import cameras_from_spherical, evaluation_cameras, intrinsics_matrix
 from renderers.errors import UserError
-from renderers.gaussian_ply import GaussianPlyError, read_gaussian_ply, write_gaussian_ply
+from renderers.gaussian_ply import GaussianPlyError, is_gaussian_ply, read_gaussian_ply, write_gaussian_ply
 from renderers.gaussian_raster import project_gaussians, rasterize_gaussians
 from renderers.gaussian_renderer import opencv_viewmats
 from renderers.gaussians import SH_C0, rgb_to_sh0
@@ -254,6 +254,28 @@ def test_gaussians_reject_inconsistent_shapes():
         Gaussians(g.means, g.quats, g.scales, g.opacities, torch.zeros(1, 4, 9, 3))
 
 
+def test_turning_the_gaussians_and_the_cameras_alike_changes_no_render():
+    """`Gaussians.transformed`: centres, rotations and the degree-1 colour turn together."""
+    from renderers.gaussians import quaternion_to_rotation
+
+    gaussians = random_gaussians(40, degree=1, dtype=torch.float64)
+    gaussians.sh[..., 1:, :] *= 3  # a strongly view-dependent colour
+    turn = F.normalize(torch.tensor([0.3, -0.2, 0.8, 0.4], dtype=torch.float64), dim=0)
+    cameras = evaluation_cameras(2, height=24, width=24)
+    cameras.c2w = cameras.c2w.double()
+    turned_cameras = evaluation_cameras(2, height=24, width=24)
+    turned_cameras.c2w = cameras.c2w.clone()
+    turned_cameras.c2w[..., :3, :] = quaternion_to_rotation(turn) @ cameras.c2w[..., :3, :]
+    renderer = GaussianRenderer(backend="torch")
+    before, after = renderer(gaussians, cameras), renderer(gaussians.transformed(turn), turned_cameras)
+    assert before["alpha"].amax() > 0.5
+    for name in ("rgb", "alpha", "depth", "normal"):
+        torch.testing.assert_close(after[name], before[name], atol=1e-9, rtol=0)
+    moved = gaussians.transformed(scale=2.0, offset=torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64))
+    torch.testing.assert_close(moved.means, gaussians.means * 2 + torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64))
+    torch.testing.assert_close(moved.scales, gaussians.scales * 2)
+
+
 # ---------------------------------------------------------------------------------------------- PLY
 @pytest.mark.parametrize("degree", [0, 1])
 def test_ply_round_trip_renders_the_same(tmp_path, degree):
@@ -261,7 +283,7 @@ def test_ply_round_trip_renders_the_same(tmp_path, degree):
 
     gaussians = random_gaussians(200, degree=degree)
     path = tmp_path / "splat.ply"
-    write_gaussian_ply(path, gaussians)
+    write_gaussian_ply(path, gaussians, frame="world")
 
     vertex = PlyData.read(str(path))["vertex"]
     rest = 3 * ((degree + 1) ** 2 - 1)
@@ -279,14 +301,20 @@ def test_ply_round_trip_renders_the_same(tmp_path, degree):
             for k in range(3):
                 assert vertex[f"f_rest_{c * 3 + k}"][i] == pytest.approx(gaussians.sh[0, i, k + 1, c].item(), abs=1e-7)
 
-    loaded = read_gaussian_ply(path)
+    loaded = read_gaussian_ply(path, frame="world")
     assert loaded.sh_degree == degree and loaded.num_gaussians == 200 and loaded.batch_size == 1
+    # the default: a file in viewer axes (+y up, front +z) like the mesh exports, read back to the world frame
+    write_gaussian_ply(tmp_path / "viewer.ply", gaussians)
+    viewer = PlyData.read(str(tmp_path / "viewer.ply"))["vertex"]
+    np.testing.assert_allclose(np.stack([viewer[c] for c in "xyz"], -1), gaussians.means[0][:, [1, 2, 0]].numpy(), atol=1e-7)
     cameras = evaluation_cameras(2, height=32, width=32)
     renderer = GaussianRenderer(backend="torch")
-    before, after = renderer(gaussians, cameras), renderer(loaded, cameras)
+    before = renderer(gaussians, cameras)
     assert before["alpha"].amax() > 0.9
-    for name in before.images:
-        assert (after[name] - before[name]).abs().max() <= 1e-5, name
+    for loaded in (loaded, read_gaussian_ply(tmp_path / "viewer.ply")):
+        after = renderer(loaded, cameras)
+        for name in before.images:
+            assert (after[name] - before[name]).abs().max() <= 1e-5, name
 
 
 def test_ply_writes_one_object_only(tmp_path):
@@ -320,6 +348,9 @@ def test_bad_ply_files_give_one_line_errors(tmp_path):
     degree3 = np.zeros(2, dtype=[(name, "f4") for name in ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2"] + [f"f_rest_{i}" for i in range(45)]])
     PlyData([PlyElement.describe(degree3, "vertex")]).write(str(tmp_path / "degree3.ply"))
     assert "45 f_rest" in error_of(tmp_path / "degree3.ply")
+    write_gaussian_ply(tmp_path / "good.ply", random_gaussians(3))
+    assert is_gaussian_ply(tmp_path / "good.ply")
+    assert not any(is_gaussian_ply(tmp_path / name) for name in ("points.ply", "text.ply", "degree3.ply", "missing.ply"))
 
 
 # ---------------------------------------------------------------------------------------------- backends
