@@ -311,8 +311,8 @@ def test_ply_round_trip_renders_the_same(tmp_path, degree):
     renderer = GaussianRenderer(backend="torch")
     before = renderer(gaussians, cameras)
     assert before["alpha"].amax() > 0.9
-    for loaded in (loaded, read_gaussian_ply(tmp_path / "viewer.ply")):
-        after = renderer(loaded, cameras)
+    for back in (loaded, read_gaussian_ply(tmp_path / "viewer.ply")):
+        after = renderer(back, cameras)
         for name in before.images:
             assert (after[name] - before[name]).abs().max() <= 1e-5, name
 
