@@ -109,11 +109,11 @@ def project_gaussians(
 
 def _tile_lists(
     means2d: Tensor, radii: Tensor, depths: Tensor, tiles_y: int, tiles_x: int, tile_size: int
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Which Gaussians overlap each tile, nearest first (no gradient).
 
     means2d [I, N, 2], radii [I, N, 2], depths [I, N] -> (gaussian [M] flat indices into I * N, sorted by
-    tile then depth; tile [M] flat tile index into I * tiles_y * tiles_x; counts [I * tiles_y * tiles_x]).
+    tile (flat index into I * tiles_y * tiles_x) then depth; counts [I * tiles_y * tiles_x] per tile).
     """
     images, count = depths.shape
     image_id, gaussian_id = torch.nonzero((radii > 0).all(dim=-1), as_tuple=True)
@@ -138,7 +138,7 @@ def _tile_lists(
     by_tile = torch.sort(tile, stable=True).indices
     tile, flat = tile[by_tile], flat[by_tile]
     counts = torch.bincount(tile, minlength=images * tiles_y * tiles_x)
-    return flat, tile, counts
+    return flat, counts
 
 
 def _pixel_monomials(tile_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -213,7 +213,7 @@ def rasterize_gaussians(
     pad = images * count
 
     with torch.no_grad():
-        gaussian, tile, counts = _tile_lists(
+        gaussian, counts = _tile_lists(
             projected.means2d.detach().reshape(images, count, 2),
             projected.radii.reshape(images, count, 2),
             projected.depths.detach().reshape(images, count),
