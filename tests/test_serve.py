@@ -77,7 +77,7 @@ def test_page_shows_a_failed_request_as_one_line_and_keeps_serving(model, monkey
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore lines")
 
     with monkeypatch.context() as patch:
-        patch.setattr(serve_model, "generate_meshes", out_of_memory)
+        patch.setattr(serve_model, "sample_fields", out_of_memory)
         with pytest.raises(gr.Error, match=r"generation failed \(RuntimeError\): the server keeps serving") as err:
             handler("a chair", 0, RESOLUTION, "glb")
         assert "\n" not in err.value.message
@@ -113,7 +113,7 @@ def test_page_builds_with_its_queue(model):
         ("a chair", 0, 32.5, "glb", "resolution must be an integer"),
         ("a chair", 0, True, "glb", "resolution must be an integer"),
         ("a chair", -1, 64, "glb", "seed must be in"),
-        ("a chair", 0, 64, "stl", "unknown format 'stl': use one of glb, obj, ply"),
+        ("a chair", 0, 64, "stl", "unknown format 'stl': use one of glb, obj, ply, asset"),
         ("a chair", 0, 64, "../../x", "unknown format"),
         ("a chair", 0, 64, None, "unknown format"),
     ],
@@ -237,10 +237,10 @@ def test_api_keeps_serving_after_a_failure(client, monkeypatch):
         raise UserError("the field has no surface: try another seed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(serve_model, "generate_meshes", no_surface)
+        patch.setattr(serve_model, "export_object", no_surface)
         reply = client.post("/generate", json={"prompt": "a chair"})
         assert reply.status_code == 422 and reply.json()["error"] == "the field has no surface: try another seed"
-        patch.setattr(serve_model, "generate_meshes", lambda *a, **k: 1 / 0)
+        patch.setattr(serve_model, "sample_fields", lambda *a, **k: 1 / 0)
         reply = client.post("/generate", json={"prompt": "a chair"})
         assert reply.status_code == 500 and "ZeroDivisionError" in reply.json()["error"]
     assert client.post("/generate", json={"prompt": "a chair", "resolution": 16}).status_code == 200
@@ -267,7 +267,9 @@ def test_serve_without_weights_or_demo_says_run_make_demo(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("argv, message", [(["--port", "0"], "--port"), (["--concurrency", "0"], "--concurrency"),
-                                           (["--device", "gpu0"], "gpu0"), (["--bogus"], "unrecognized")])
+                                           (["--device", "gpu0"], "gpu0"), (["--bogus"], "unrecognized"),
+                                           (["--max-batch", "0"], "--max-batch"), (["--batch-wait", "-1"], "--batch-wait"),
+                                           (["--asset-faces", "2"], "--asset-faces")])
 def test_serve_argument_errors_are_one_line(tmp_path, capsys, argv, message):
     code = main(["serve", "--weights", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
     assert message in _one_line(code, capsys.readouterr().err)
@@ -289,8 +291,7 @@ def test_serve_with_missing_weights_is_one_line(tmp_path, capsys):
 
 
 def test_the_fallback_sphere_comes_with_a_notice(model, monkeypatch):
-    real = serve_model.generate_meshes
-    monkeypatch.setattr(serve_model, "generate_meshes",
-                        lambda *a, **k: [dict(r, empty_surface_fallback=True) for r in real(*a, **k)])
+    real = serve_model.export_object
+    monkeypatch.setattr(serve_model, "export_object", lambda *a, **k: dict(real(*a, **k), empty_surface_fallback=True))
     result = model.generate_from("a chair", 0, 16, "glb")
     assert len(result.notices) == 1 and "fallback unit sphere; try another seed" in result.notices[0]
