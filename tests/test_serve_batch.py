@@ -133,7 +133,7 @@ def test_a_failed_batched_network_run_is_retried_request_by_request(model, stude
 
 
 def test_page_requests_join_the_same_batch(model, student_calls):
-    batcher = Batcher(model.generate_batch, max_batch=3, wait=10.0)
+    batcher = Batcher(model.sample_batch, max_batch=3, wait=10.0)
     barrier = threading.Barrier(3)
 
     def page(i):

@@ -8,9 +8,10 @@ GLB, a turntable strip, the file to download and the seconds per stage out. Requ
 (`concurrency` at once, default `max_batch`; at most `max_queue` waiting); a failed request shows its one-line
 message in the page and the server keeps serving.
 
-Batching: page and API requests alike go to one `Batcher`, which runs the student once for up to `max_batch`
-requests that arrived within `batch_wait` seconds of the first (`ServeModel.generate_batch`); bad input is
-refused before it joins a batch, and a request that fails inside one fails alone.
+Batching: page and API requests alike go to one `Batcher`, which runs the student's networks once for up to
+`max_batch` requests that arrived within `batch_wait` seconds of the first (`ServeModel.sample_batch`); each
+request then writes its own files in its own thread (`ServeModel.write_result`). Bad input is refused before it
+joins a batch, and a request that fails inside one fails alone.
 
 The API: `POST /generate` with a JSON body `{"prompt": ..., "seed": 0, "resolution": 64, "format": "glb",
 "uv_texture": false}`
@@ -52,8 +53,11 @@ def timings_markdown(result: MeshResult) -> str:
 
 
 def generate_one(model: ServeModel, batcher: Batcher | None, request, notices) -> MeshResult:
-    """A checked request generated through `batcher` (waiting for its batch), or alone without one."""
-    return batcher.submit((request, notices)).result() if batcher is not None else model.generate(request, notices)
+    """A checked request generated through `batcher` (waiting for its batch's networks, then writing its own
+    files in this thread), or alone without one."""
+    if batcher is None:
+        return model.generate(request, notices)
+    return model.write_result(request, notices, batcher.submit((request, notices)).result())
 
 
 def page_outputs(model: ServeModel, prompt, seed, resolution, file_format, uv_texture=False,
@@ -154,7 +158,8 @@ def api_router(model: ServeModel, batcher: Batcher | None = None):
             checked, notices = model.check(body["prompt"], body.get("seed", 0), body.get("resolution", 64),
                                            body.get("format", "glb"), body.get("uv_texture", False))
             if batcher is not None:
-                result = await asyncio.wrap_future(batcher.submit((checked, notices)))
+                sampled = await asyncio.wrap_future(batcher.submit((checked, notices)))
+                result = await run_in_threadpool(model.write_result, checked, notices, sampled)
             else:
                 result = await run_in_threadpool(model.generate, checked, notices)
         except RequestError as err:
@@ -194,7 +199,7 @@ def create_app(model: ServeModel, concurrency: int | None = None, max_queue: int
     `max_batch`, so that a batch can fill from the page alone)."""
     import fastapi
 
-    batcher = Batcher(model.generate_batch, max_batch=max_batch, wait=batch_wait)
+    batcher = Batcher(model.sample_batch, max_batch=max_batch, wait=batch_wait)
     app = fastapi.FastAPI(title="PRD / TriplaneTurbo")
     app.include_router(api_router(model, batcher))
     if page:

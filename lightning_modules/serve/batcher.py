@@ -1,9 +1,9 @@
 """Requests from many threads (the page's queue workers, the API's event loop) gathered into batches for one
 worker thread, which runs the student once per batch.
 
-    batcher = Batcher(model.generate_batch, max_batch=4, wait=0.05)
+    batcher = Batcher(model.sample_batch, max_batch=4, wait=0.05)
     future = batcher.submit((request, notices))        # concurrent.futures.Future, from any thread
-    result = future.result()                           # or `await asyncio.wrap_future(future)`
+    sampled = future.result()                          # or `await asyncio.wrap_future(future)`
 
 The worker takes the first waiting item, then waits at most `wait` seconds for more, up to `max_batch` items,
 and calls `run(items) -> list` once: each entry is that item's result, or the exception it failed with

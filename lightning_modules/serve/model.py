@@ -4,8 +4,9 @@
     request, notices = model.check("a wooden chair", seed=0, resolution=64, file_format="obj")
     result = model.generate(request, notices)   # result.mesh_file, .glb_file, .turntable_file, .timings
 
-`generate_batch` runs the student's networks once for several requests (`batcher.Batcher` gathers them), then
-writes each request's files. Each request gets its own folder `out_dir/<32 hex digits>/` (a random id, never a name from the request);
+`sample_batch` runs the student's networks once for several requests (`batcher.Batcher` gathers them), and
+`write_result` writes one request's files from its part of the batch (in the request's own thread, so that the
+next batch's networks run meanwhile); `generate_batch` does both. Each request gets its own folder `out_dir/<32 hex digits>/` (a random id, never a name from the request);
 the mesh file name is the prompt's slug (`[a-z0-9_]`, `generation.slugify`), and every written path is checked
 to lie inside `out_dir`. The student runs one batch at a time (a lock), whichever front end calls it.
 """
@@ -20,6 +21,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -86,6 +88,15 @@ class MeshResult:
         )
 
 
+class Sampled(NamedTuple):
+    """One request's object of a batched network run: its field (batch size 1), the batch's seconds per stage
+    (text encoding, denoising, triplane decoding) and the number of requests in the batch."""
+
+    field: object
+    seconds: dict[str, float]
+    batch_size: int
+
+
 class ServeModel:
     """A loaded student and the output folder of its requests.
 
@@ -115,10 +126,22 @@ class ServeModel:
         return result
 
     def generate_batch(self, items: list[tuple[MeshRequest, list[str] | tuple]]) -> list[MeshResult | BaseException]:
-        """B requests `(request, notices)` with one run of the student's networks (`sample_fields`: B prompts,
-        B seeds), then each request's files in its own folder at its own resolution and format. Entry i is
-        request i's result or the exception it failed with (its folder removed): one request's failure never
-        fails the others (a failed batched network run is retried request by request)."""
+        """B requests `(request, notices)`: `sample_batch` (one run of the student's networks), then `write_result`
+        for each. Entry i is request i's result or the exception it failed with: one request's failure never
+        fails the others."""
+        results: list[MeshResult | BaseException] = []
+        for (request, notices), sampled in zip(items, self.sample_batch(items), strict=True):
+            try:
+                results.append(sampled if isinstance(sampled, BaseException) else
+                               self.write_result(request, notices, sampled))
+            except Exception as err:
+                results.append(err)
+        return results
+
+    def sample_batch(self, items: list[tuple[MeshRequest, list[str] | tuple]]) -> list[Sampled | BaseException]:
+        """The student's networks once for B requests (`sample_fields`: B prompts, B seeds; one batch at a time):
+        entry i is request i's `Sampled` field, or the exception it failed with (a failed batched run is retried
+        request by request, so one request cannot fail the others)."""
         if not items:
             return []
         timer = StageTimer()
@@ -128,24 +151,23 @@ class ServeModel:
         except Exception as err:
             if len(items) == 1:
                 return [err]
-            return [result for item in items for result in self.generate_batch([item])]
-        results: list[MeshResult | BaseException] = []
-        for i, (request, notices) in enumerate(items):
-            request_id = uuid.uuid4().hex
-            folder = path_inside(self.out_dir, request_id)
-            folder.mkdir()
-            try:
-                with self.lock:
-                    result = self._generate_into(request, request_id, list(notices), object_field(fields, i),
-                                                 StageTimer(defaultdict(float, timer.seconds)))
-                result.batch_size = len(items)
-                results.append(result)
-            except BaseException as err:
-                shutil.rmtree(folder, ignore_errors=True)  # a failed request leaves nothing behind
-                if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit
-                    raise
-                results.append(err)
-        return results
+            return [sampled for item in items for sampled in self.sample_batch([item])]
+        return [Sampled(object_field(fields, i), dict(timer.seconds), len(items)) for i in range(len(items))]
+
+    def write_result(self, request: MeshRequest, notices: list[str] | tuple, sampled: Sampled) -> MeshResult:
+        """The files of one sampled request (mesh at its resolution, its format, turntable) in a new folder;
+        nothing left behind when it fails. Runs in the caller's thread, beside the next batch's networks."""
+        request_id = uuid.uuid4().hex
+        folder = path_inside(self.out_dir, request_id)
+        folder.mkdir()
+        try:
+            result = self._generate_into(request, request_id, list(notices), sampled.field,
+                                         StageTimer(defaultdict(float, sampled.seconds)))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # a failed request leaves nothing behind
+            raise
+        result.batch_size = sampled.batch_size
+        return result
 
     def _generate_into(self, request: MeshRequest, request_id: str, notices: list[str], obj, timer: StageTimer
                        ) -> MeshResult:
