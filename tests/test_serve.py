@@ -269,7 +269,8 @@ def test_serve_without_weights_or_demo_says_run_make_demo(tmp_path, monkeypatch,
 @pytest.mark.parametrize("argv, message", [(["--port", "0"], "--port"), (["--concurrency", "0"], "--concurrency"),
                                            (["--device", "gpu0"], "gpu0"), (["--bogus"], "unrecognized"),
                                            (["--max-batch", "0"], "--max-batch"), (["--batch-wait", "-1"], "--batch-wait"),
-                                           (["--asset-faces", "2"], "--asset-faces")])
+                                           (["--asset-faces", "2"], "--asset-faces"), (["--keep-requests", "0"], "--keep-requests"),
+                                           (["--keep-hours", "0"], "--keep-hours")])
 def test_serve_argument_errors_are_one_line(tmp_path, capsys, argv, message):
     code = main(["serve", "--weights", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
     assert message in _one_line(code, capsys.readouterr().err)
@@ -295,3 +296,18 @@ def test_the_fallback_sphere_comes_with_a_notice(model, monkeypatch):
     monkeypatch.setattr(serve_model, "export_object", lambda *a, **k: dict(real(*a, **k), empty_surface_fallback=True))
     result = model.generate_from("a chair", 0, 16, "glb")
     assert len(result.notices) == 1 and "fallback unit sphere; try another seed" in result.notices[0]
+
+
+def test_old_request_folders_are_pruned_to_the_newest_and_the_young(model, tmp_path):
+    import os
+    import time
+
+    model.keep_requests, model.keep_seconds = 3, None
+    ids = [model.generate_from(f"a chair {i}", i, 16, "glb").request_id for i in range(5)]
+    (model.out_dir / "notes.txt").write_text("not a request: never pruned")
+    assert sorted(p.name for p in model.out_dir.iterdir()) == sorted([*ids[2:], "notes.txt"])
+    model.keep_requests, model.keep_seconds = 100, 3600.0
+    old = time.time() - 7200
+    os.utime(model.out_dir / ids[2], (old, old))  # two hours old
+    assert model.prune() == [ids[2]]
+    assert sorted(p.name for p in model.out_dir.iterdir()) == sorted([*ids[3:], "notes.txt"])

@@ -2,6 +2,7 @@
 
     prd serve [--base DIR|ID] [--weights FILE|DIR|ID] [--host 127.0.0.1] [--port 7860] [--out outputs/serve]
               [--max-batch 4] [--batch-wait 50] [--max-queue 32] [--device auto|cpu|cuda] [--turntable-frames 8]
+              [--keep-requests 100] [--keep-hours H]
 
 Weights as for `prd generate`. Without `--weights` it serves the CPU demo's trained student
 (`outputs/demo/student` on the base `.demo/tiny_sd`, both written by `make demo`). Every argument is checked
@@ -13,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lightning_modules.cli.arguments import CommandParser, int_at_least
+from lightning_modules.cli.arguments import CommandParser, float_in, int_at_least
 from lightning_modules.cli.paths import output_folder
 from lightning_modules.student.generation import resolve_device
 from renderers.errors import UserError
@@ -48,6 +49,10 @@ def build_parser() -> CommandParser:
                    help="face budget of the asset format's decimated mesh (default: %(default)s)")
     p.add_argument("--empty-surface", choices=("unit_sphere", "error"), default="unit_sphere",
                    help="when a field has no surface: the released pipeline's unit sphere, or an error message")
+    p.add_argument("--keep-requests", type=int_at_least(1, 10_000_000), default=100,
+                   help="request folders kept in --out, the newest (older ones are deleted; default: %(default)s)")
+    p.add_argument("--keep-hours", type=float_in(0, 1e6, low_open=True), default=None,
+                   help="also delete request folders older than this many hours (default: no age limit)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     return p
 
@@ -81,7 +86,8 @@ def main(argv: list[str]) -> int:
     student = TriplaneStudent.from_pretrained(base, weights=weights, device=device)
     student.merge_adapters()
     model = ServeModel(student, out_dir, turntable_frames=args.turntable_frames, empty_surface=args.empty_surface,
-                        texture_size=args.texture_size, asset_faces=args.asset_faces)
+                        texture_size=args.texture_size, asset_faces=args.asset_faces, keep_requests=args.keep_requests,
+                        keep_seconds=None if args.keep_hours is None else args.keep_hours * 3600)
     print(f"loaded {weights} in {time.perf_counter() - start:.1f} s; serving on http://{args.host}:{args.port}/ "
           f"(API: POST /generate), files in {out_dir}", flush=True)
     app = create_app(model, args.concurrency, args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait / 1000)

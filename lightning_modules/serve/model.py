@@ -102,15 +102,19 @@ class ServeModel:
 
     turntable_frames: views in the turntable strip (0: none), each `turntable_size` px square.
     empty_surface: "unit_sphere" (the released pipeline) or "error" for a field without a surface.
+    keep_requests / keep_seconds: after each request, the request folders beyond the newest `keep_requests`, and
+    those older than `keep_seconds` (None: no age limit), are deleted (`prune`), so `out_dir` stays bounded.
     """
 
     def __init__(self, student, out_dir: str | Path, turntable_frames: int = 8, turntable_size: int = 128,
-                 empty_surface: str = "unit_sphere", texture_size: int = 512, asset_faces: int = 20_000) -> None:
+                 empty_surface: str = "unit_sphere", texture_size: int = 512, asset_faces: int = 20_000,
+                 keep_requests: int = 100, keep_seconds: float | None = None) -> None:
         self.student = student
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.turntable_frames, self.turntable_size = turntable_frames, turntable_size
         self.empty_surface, self.texture_size, self.asset_faces = empty_surface, texture_size, asset_faces
+        self.keep_requests, self.keep_seconds = keep_requests, keep_seconds
         self.lock = threading.Lock()
 
     def check(self, prompt, seed=0, resolution=64, file_format="glb", uv_texture=False) -> tuple[MeshRequest, list[str]]:
@@ -167,7 +171,27 @@ class ServeModel:
             shutil.rmtree(folder, ignore_errors=True)  # a failed request leaves nothing behind
             raise
         result.batch_size = sampled.batch_size
+        self.prune(keep=request_id)
         return result
+
+    def prune(self, keep: str | None = None) -> list[str]:
+        """Delete the request folders (`<32 hex digits>/` in `out_dir`; nothing else there is touched) beyond the
+        newest `keep_requests` (by modification time) and those older than `keep_seconds`, never `keep`;
+        returns the deleted ids."""
+        folders = [p for p in self.out_dir.iterdir() if _REQUEST_ID.match(p.name) and p.is_dir()]
+        ages = {}
+        for folder in folders:
+            try:
+                ages[folder] = folder.stat().st_mtime
+            except FileNotFoundError:  # pruned by another thread meanwhile
+                continue
+        newest_first = sorted(ages, key=ages.get, reverse=True)
+        now = time.time()
+        stale = [p for i, p in enumerate(newest_first) if p.name != keep and (
+            i >= self.keep_requests or (self.keep_seconds is not None and now - ages[p] > self.keep_seconds))]
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+        return [p.name for p in stale]
 
     def _generate_into(self, request: MeshRequest, request_id: str, notices: list[str], obj, timer: StageTimer
                        ) -> MeshResult:
