@@ -94,7 +94,8 @@ def _wait_for_colour(element, timeout: float) -> int:
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium package; the test tool downloads no browser
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM}")
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM}: `make browser` installs it "
+                    "(apt-get install chromium, as root or with sudo)")
 def test_browser_types_a_prompt_and_downloads_the_glb(server, tmp_path):
     """Headless Chromium: open the page, type a prompt, press Generate, wait for the 3D view, download the GLB
     (it loads with vertex colours) and save a screenshot."""
