@@ -2,6 +2,8 @@
 network) and path traversal, on the tiny reference student (tests/fixtures/reference/triplaneturbo_ref_A)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,10 +262,40 @@ def _one_line(code, err):
     return lines[0]
 
 
-def test_serve_without_weights_or_demo_says_run_make_demo(tmp_path, monkeypatch, capsys):
+def test_serve_without_weights_or_demo_and_no_train_says_run_make_demo(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = main(["serve"])
+    code = main(["serve", "--no-train"])
     assert "run `make demo` first" in _one_line(code, capsys.readouterr().err)
+
+
+def test_serve_without_weights_or_demo_trains_the_demo_student_with_a_notice(tmp_path, monkeypatch, capsys):
+    from lightning_modules.serve import command
+
+    monkeypatch.chdir(tmp_path)
+    commands = []
+
+    def fake_demo(argv, check):  # what `python -m lightning_modules.demo` leaves behind
+        commands.append(argv)
+        (tmp_path / command.DEMO_STUDENT).mkdir(parents=True)
+        (tmp_path / command.DEMO_BASE).mkdir(parents=True)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(command.subprocess, "run", fake_demo)
+    assert command.resolve_weights(None, None, train=True) == (str(command.DEMO_BASE), str(command.DEMO_STUDENT))
+    assert commands == [[sys.executable, "-m", "lightning_modules.demo"]]
+    out = capsys.readouterr().out
+    assert "training it now as `make demo` does (about 5-7 minutes" in out and "the demo's student is trained" in out
+    assert command.resolve_weights(None, None, train=True) == (str(command.DEMO_BASE), str(command.DEMO_STUDENT))
+    assert len(commands) == 1  # trained once, then served
+
+
+def test_a_failed_demo_training_is_one_line(tmp_path, monkeypatch):
+    from lightning_modules.serve import command
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(command.subprocess, "run", lambda argv, check: subprocess.CompletedProcess(argv, 1))
+    with pytest.raises(command.NoWeightsError, match=r"training the CPU demo's student failed \(exit code 1"):
+        command.resolve_weights(None, None, train=True)
 
 
 @pytest.mark.parametrize("argv, message", [(["--port", "0"], "--port"), (["--concurrency", "0"], "--concurrency"),

@@ -5,12 +5,16 @@
               [--keep-requests 100] [--keep-hours H]
 
 Weights as for `prd generate`. Without `--weights` it serves the CPU demo's trained student
-(`outputs/demo/student` on the base `.demo/tiny_sd`, both written by `make demo`). Every argument is checked
+(`outputs/demo/student` on the base `.demo/tiny_sd`, both written by `make demo`); when that is not there either,
+it trains it first (`python -m lightning_modules.demo`, ~5-7 min on 2 cores, with a notice and the demo's own
+progress), unless `--no-train` asks for a one-line error instead. Every argument is checked
 before the model loads; the student is loaded once. Listens on 127.0.0.1 unless `--host` says otherwise.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +36,8 @@ def build_parser() -> CommandParser:
     p.add_argument("--base", default=None, help="SD directory or hub id (default: from the weights' config.json)")
     p.add_argument("--weights", default=None,
                    help=f"TriplaneTurbo weights: file, folder or hub id (default: the CPU demo's {DEMO_STUDENT})")
+    p.add_argument("--no-train", action="store_true",
+                   help="without --weights and without the demo's student: stop with an error instead of training it")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int_at_least(1, 65535), default=7860)
     p.add_argument("--out", default="outputs/serve", help="folder of the generated files (default: %(default)s)")
@@ -57,13 +63,37 @@ def build_parser() -> CommandParser:
     return p
 
 
-def resolve_weights(base: str | None, weights: str | None) -> tuple[str | None, str]:
-    """(base, weights): as given, or the CPU demo's student and base; a `NoWeightsError` when neither is there."""
+def _demo_student_here() -> bool:
+    return DEMO_STUDENT.is_dir() and DEMO_BASE.is_dir()
+
+
+def train_demo_student() -> None:
+    """Train the CPU demo's student as `make demo` does (a child process, its progress printed as it goes), with
+    a notice before and the time it took after; a `NoWeightsError` when no student came out."""
+    print(f"prd serve: no --weights given and the CPU demo's student ({DEMO_STUDENT} on {DEMO_BASE}) is not here: "
+          "training it now as `make demo` does (about 5-7 minutes on 2 CPU cores); the page starts when it is done. "
+          "Pass --weights to serve other weights, or --no-train to stop instead.", flush=True)
+    start = time.perf_counter()
+    code = subprocess.run([sys.executable, "-m", "lightning_modules.demo"], check=False).returncode
+    minutes, seconds = divmod(round(time.perf_counter() - start), 60)
+    if not _demo_student_here():
+        raise NoWeightsError(f"training the CPU demo's student failed (exit code {code} after {minutes} min {seconds} s): "
+                             "see its output above, or pass --weights (and --base)")
+    print(f"prd serve: the demo's student is trained ({minutes} min {seconds} s); loading it", flush=True)
+
+
+def resolve_weights(base: str | None, weights: str | None, train: bool = False,
+                    trainer=train_demo_student) -> tuple[str | None, str]:
+    """(base, weights): as given, or the CPU demo's student and base, trained first by `trainer` when it is not
+    there and `train`; a `NoWeightsError` when there is none."""
     if weights is not None:  # checked by the loader, one line when missing or corrupt
         return base, weights
-    if not (DEMO_STUDENT.is_dir() and DEMO_BASE.is_dir()):
-        raise NoWeightsError(f"no --weights given and the CPU demo's student ({DEMO_STUDENT} on {DEMO_BASE}) is not "
-                             "here: run `make demo` first, or pass --weights (and --base)")
+    if not _demo_student_here():
+        if not train:
+            raise NoWeightsError(f"no --weights given and the CPU demo's student ({DEMO_STUDENT} on {DEMO_BASE}) is "
+                                 "not here: run `make demo` first (or `prd serve` without --no-train trains it), or "
+                                 "pass --weights (and --base)")
+        trainer()
     return str(base or DEMO_BASE), str(DEMO_STUDENT)
 
 
@@ -72,9 +102,9 @@ def main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
-    base, weights = resolve_weights(args.base, args.weights)
     device = resolve_device(args.device)
     out_dir = output_folder(args.out, "--out")
+    base, weights = resolve_weights(args.base, args.weights, train=not args.no_train)
 
     import uvicorn
 
