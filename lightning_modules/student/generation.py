@@ -7,6 +7,10 @@
 are baked from the field into a PBR GLB (or OBJ / MTL); `faces` alone decimates a vertex-colour (or
 `uv_texture`) export. Either way the record gets the Chamfer / Hausdorff distance to the full mesh.
 
+Its two halves serve callers that batch differently (`prd serve`): `sample_fields(student, prompts, seeds)` runs
+the networks for B prompts at once and returns the batched field; `export_object(mesh, object_field(field, i),
+path, ...)` writes one object's file.
+
 Object i of a run is drawn from noise seeded with `seed + i`, so a mesh does not depend on the batch
 size or on the other prompts. Each record names the prompt, its seed, the file written and the mesh
 sizes; `StageTimer` collects the seconds per stage (text encoding, denoising, triplane decoding, mesh
