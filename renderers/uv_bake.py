@@ -23,20 +23,23 @@ def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndar
     px = lo[face_of, 0] + local % extent[face_of, 0]
     py = lo[face_of, 1] + local // extent[face_of, 0]
 
-    a, b, c = tri[face_of, 0], tri[face_of, 1], tri[face_of, 2]
-    p = np.stack([px, py], axis=1).astype(np.float64)
-    v0, v1, v2 = b - a, c - a, p - a
+    # per face, the barycentrics as affine functions of the texel centre: w1, w2 = K @ (x, y, 1)
+    a, v0, v1 = tri[:, 0], tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
     denom = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]
-    valid = np.abs(denom) > 1e-12
-    denom = np.where(valid, denom, 1.0)
-    w1 = (v2[:, 0] * v1[:, 1] - v1[:, 0] * v2[:, 1]) / denom
-    w2 = (v0[:, 0] * v2[:, 1] - v2[:, 0] * v0[:, 1]) / denom
+    valid_face = np.abs(denom) > 1e-12
+    inv = 1.0 / np.where(valid_face, denom, 1.0)
+    coefficients = np.stack([v1[:, 1] * inv, -v1[:, 0] * inv, (v1[:, 0] * a[:, 1] - v1[:, 1] * a[:, 0]) * inv,
+                             -v0[:, 1] * inv, v0[:, 0] * inv, (v0[:, 1] * a[:, 0] - v0[:, 0] * a[:, 1]) * inv], axis=1)
+    k = coefficients[face_of]  # [M, 6], one gather per candidate texel
+    x, y = px.astype(np.float64), py.astype(np.float64)
+    w1 = k[:, 0] * x + k[:, 1] * y + k[:, 2]
+    w2 = k[:, 3] * x + k[:, 4] * y + k[:, 5]
     w0 = 1.0 - w1 - w2
     eps = -1e-9
-    inside = valid & (w0 >= eps) & (w1 >= eps) & (w2 >= eps)
+    inside = valid_face[face_of] & (w0 >= eps) & (w1 >= eps) & (w2 >= eps)
 
     face_ids = np.full((size, size), -1, np.int64)
     bary = np.zeros((size, size, 3), np.float64)
     face_ids[py[inside], px[inside]] = face_of[inside]
-    bary[py[inside], px[inside]] = np.stack([w0, w1, w2], axis=1)[inside]
+    bary[py[inside], px[inside]] = np.stack([w0[inside], w1[inside], w2[inside]], axis=1)
     return face_ids, bary

@@ -2,6 +2,8 @@
 network) and path traversal, on the tiny reference student (tests/fixtures/reference/triplaneturbo_ref_A)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +79,7 @@ def test_page_shows_a_failed_request_as_one_line_and_keeps_serving(model, monkey
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore lines")
 
     with monkeypatch.context() as patch:
-        patch.setattr(serve_model, "generate_meshes", out_of_memory)
+        patch.setattr(serve_model, "sample_fields", out_of_memory)
         with pytest.raises(gr.Error, match=r"generation failed \(RuntimeError\): the server keeps serving") as err:
             handler("a chair", 0, RESOLUTION, "glb")
         assert "\n" not in err.value.message
@@ -113,7 +115,7 @@ def test_page_builds_with_its_queue(model):
         ("a chair", 0, 32.5, "glb", "resolution must be an integer"),
         ("a chair", 0, True, "glb", "resolution must be an integer"),
         ("a chair", -1, 64, "glb", "seed must be in"),
-        ("a chair", 0, 64, "stl", "unknown format 'stl': use one of glb, obj, ply"),
+        ("a chair", 0, 64, "stl", "unknown format 'stl': use one of glb, obj, ply, asset"),
         ("a chair", 0, 64, "../../x", "unknown format"),
         ("a chair", 0, 64, None, "unknown format"),
     ],
@@ -237,10 +239,10 @@ def test_api_keeps_serving_after_a_failure(client, monkeypatch):
         raise UserError("the field has no surface: try another seed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(serve_model, "generate_meshes", no_surface)
+        patch.setattr(serve_model, "export_object", no_surface)
         reply = client.post("/generate", json={"prompt": "a chair"})
         assert reply.status_code == 422 and reply.json()["error"] == "the field has no surface: try another seed"
-        patch.setattr(serve_model, "generate_meshes", lambda *a, **k: 1 / 0)
+        patch.setattr(serve_model, "sample_fields", lambda *a, **k: 1 / 0)
         reply = client.post("/generate", json={"prompt": "a chair"})
         assert reply.status_code == 500 and "ZeroDivisionError" in reply.json()["error"]
     assert client.post("/generate", json={"prompt": "a chair", "resolution": 16}).status_code == 200
@@ -260,14 +262,47 @@ def _one_line(code, err):
     return lines[0]
 
 
-def test_serve_without_weights_or_demo_says_run_make_demo(tmp_path, monkeypatch, capsys):
+def test_serve_without_weights_or_demo_and_no_train_says_run_make_demo(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = main(["serve"])
+    code = main(["serve", "--no-train"])
     assert "run `make demo` first" in _one_line(code, capsys.readouterr().err)
 
 
+def test_serve_without_weights_or_demo_trains_the_demo_student_with_a_notice(tmp_path, monkeypatch, capsys):
+    from lightning_modules.serve import command
+
+    monkeypatch.chdir(tmp_path)
+    commands = []
+
+    def fake_demo(argv, check):  # what `python -m lightning_modules.demo` leaves behind
+        commands.append(argv)
+        (tmp_path / command.DEMO_STUDENT).mkdir(parents=True)
+        (tmp_path / command.DEMO_BASE).mkdir(parents=True)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(command.subprocess, "run", fake_demo)
+    assert command.resolve_weights(None, None, train=True) == (str(command.DEMO_BASE), str(command.DEMO_STUDENT))
+    assert commands == [[sys.executable, "-m", "lightning_modules.demo"]]
+    out = capsys.readouterr().out
+    assert "training it now as `make demo` does (about 5-7 minutes" in out and "the demo's student is trained" in out
+    assert command.resolve_weights(None, None, train=True) == (str(command.DEMO_BASE), str(command.DEMO_STUDENT))
+    assert len(commands) == 1  # trained once, then served
+
+
+def test_a_failed_demo_training_is_one_line(tmp_path, monkeypatch):
+    from lightning_modules.serve import command
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(command.subprocess, "run", lambda argv, check: subprocess.CompletedProcess(argv, 1))
+    with pytest.raises(command.NoWeightsError, match=r"training the CPU demo's student failed \(exit code 1"):
+        command.resolve_weights(None, None, train=True)
+
+
 @pytest.mark.parametrize("argv, message", [(["--port", "0"], "--port"), (["--concurrency", "0"], "--concurrency"),
-                                           (["--device", "gpu0"], "gpu0"), (["--bogus"], "unrecognized")])
+                                           (["--device", "gpu0"], "gpu0"), (["--bogus"], "unrecognized"),
+                                           (["--max-batch", "0"], "--max-batch"), (["--batch-wait", "-1"], "--batch-wait"),
+                                           (["--asset-faces", "2"], "--asset-faces"), (["--keep-requests", "0"], "--keep-requests"),
+                                           (["--keep-hours", "0"], "--keep-hours")])
 def test_serve_argument_errors_are_one_line(tmp_path, capsys, argv, message):
     code = main(["serve", "--weights", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
     assert message in _one_line(code, capsys.readouterr().err)
@@ -289,8 +324,22 @@ def test_serve_with_missing_weights_is_one_line(tmp_path, capsys):
 
 
 def test_the_fallback_sphere_comes_with_a_notice(model, monkeypatch):
-    real = serve_model.generate_meshes
-    monkeypatch.setattr(serve_model, "generate_meshes",
-                        lambda *a, **k: [dict(r, empty_surface_fallback=True) for r in real(*a, **k)])
+    real = serve_model.export_object
+    monkeypatch.setattr(serve_model, "export_object", lambda *a, **k: dict(real(*a, **k), empty_surface_fallback=True))
     result = model.generate_from("a chair", 0, 16, "glb")
     assert len(result.notices) == 1 and "fallback unit sphere; try another seed" in result.notices[0]
+
+
+def test_old_request_folders_are_pruned_to_the_newest_and_the_young(model, tmp_path):
+    import os
+    import time
+
+    model.keep_requests, model.keep_seconds = 3, None
+    ids = [model.generate_from(f"a chair {i}", i, 16, "glb").request_id for i in range(5)]
+    (model.out_dir / "notes.txt").write_text("not a request: never pruned")
+    assert sorted(p.name for p in model.out_dir.iterdir()) == sorted([*ids[2:], "notes.txt"])
+    model.keep_requests, model.keep_seconds = 100, 3600.0
+    old = time.time() - 7200
+    os.utime(model.out_dir / ids[2], (old, old))  # two hours old
+    assert model.prune() == [ids[2]]
+    assert sorted(p.name for p in model.out_dir.iterdir()) == sorted([*ids[3:], "notes.txt"])

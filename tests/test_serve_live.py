@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 @pytest.fixture(scope="module")
 def server(fixtures_dir, tmp_path_factory):
-    """(base URL, ServeModel) of a server running in a thread for this module."""
+    """(base URL, ServeModel, batcher) of a server running in a thread for this module."""
     import uvicorn
 
     student = TriplaneStudent.from_pretrained(None, weights=fixtures_dir / "triplaneturbo_ref_A" / "triplane_turbo.pth")
@@ -27,7 +27,8 @@ def server(fixtures_dir, tmp_path_factory):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(model, concurrency=1, max_queue=16), log_level="warning")
+    app = create_app(model, max_queue=16, max_batch=4, batch_wait=0.5)
+    config = uvicorn.Config(app, log_level="warning")
     runner = uvicorn.Server(config)
     thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -35,7 +36,7 @@ def server(fixtures_dir, tmp_path_factory):
     while not runner.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", model
+    yield f"http://127.0.0.1:{port}", model, app.state.batcher
     runner.should_exit = True
     thread.join(timeout=10)
     sock.close()
@@ -44,7 +45,7 @@ def server(fixtures_dir, tmp_path_factory):
 def test_gradio_client_gets_the_page_outputs_through_the_queue(server, tmp_path):
     from gradio_client import Client
 
-    url, model = server
+    url, *_ = server
     client = Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
     glb, turntable, download, timings = client.predict("a red car", 2, 24, "ply", api_name="/generate")
     mesh = load_mesh(glb)
@@ -55,10 +56,11 @@ def test_gradio_client_gets_the_page_outputs_through_the_queue(server, tmp_path)
     assert client.predict("a chair", 0, 16, "glb", api_name="/generate")[0]  # and it keeps serving
 
 
-def test_concurrent_http_requests_all_complete(server):
+def test_concurrent_http_requests_all_complete_in_batches(server):
     import httpx
 
-    url, model = server
+    url, _, batcher = server
+    calls = len(batcher.batch_sizes)
 
     def post(i):
         with httpx.Client(base_url=url, timeout=120) as http:
@@ -68,6 +70,8 @@ def test_concurrent_http_requests_all_complete(server):
         replies = list(pool.map(post, range(6)))
     assert [r.status_code for r in replies] == [200] * 6
     assert len({r.json()["request_id"] for r in replies}) == 6
+    sizes = batcher.batch_sizes[calls:]  # 6 requests within 0.5 s: fewer student calls than requests
+    assert sum(sizes) == 6 and len(sizes) < 6 and max(r.json()["batch_size"] for r in replies) == max(sizes) > 1
 
 
 def _wait_for_colour(element, timeout: float) -> int:
@@ -90,12 +94,13 @@ def _wait_for_colour(element, timeout: float) -> int:
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium package; the test tool downloads no browser
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM}")
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM}: `make browser` installs it "
+                    "(apt-get install chromium, as root or with sudo)")
 def test_browser_types_a_prompt_and_downloads_the_glb(server, tmp_path):
     """Headless Chromium: open the page, type a prompt, press Generate, wait for the 3D view, download the GLB
     (it loads with vertex colours) and save a screenshot."""
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    url, model = server
+    url, *_ = server
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"])
         try:

@@ -207,3 +207,24 @@ def test_points_requiring_grad_avoid_grid_sample(monkeypatch):
     twice = triplane_field.sample_planes(planes, points.clone().requires_grad_(True), "v1")
     # two float32 bilinear formulas: equal up to rounding, relative to the sampled values' magnitude
     torch.testing.assert_close(twice, fast, atol=1e-6 * float(fast.abs().max()), rtol=1e-5)
+
+
+def test_first_order_gradient_equals_the_twice_differentiable_one_and_finite_differences():
+    """`sdf_and_gradient` (grid_sample's own backward, first order) = autograd through the gathers of
+    `bilinear_sample` = central differences in float64, at points off the texel edges."""
+    torch.manual_seed(3)
+    field = _field(torch.randn(1, 6, 4, 16, 16).double())
+    field.sdf_network.double()
+    points = (torch.rand(1, 500, 3, dtype=torch.float64) * 1.8 - 0.9)
+    sdf, grad = field.sdf_and_gradient(points)
+    with torch.enable_grad():
+        p = points.clone().requires_grad_(True)
+        (twice,) = torch.autograd.grad(field.sdf(p).sum(), p)  # the gathers' path
+    eps = 1e-6
+    central = torch.stack([(field.sdf(points + eps * e) - field.sdf(points - eps * e)) / (2 * eps)
+                           for e in torch.eye(3, dtype=torch.float64)], dim=-1)
+    scale = grad.abs().max().item()
+    assert scale > 0.1
+    torch.testing.assert_close(grad, twice, atol=1e-9 * scale, rtol=0)
+    torch.testing.assert_close(grad, central, atol=1e-5 * scale, rtol=0)
+    torch.testing.assert_close(sdf, field.sdf(points), atol=1e-12, rtol=0)

@@ -24,6 +24,7 @@ EXAMPLES = (  # DreamFusion-style prompts (datamodules/prompt_sets/dreamfusion41
     "a DSLR photo of a red apple on a white plate",
     "a large red ball",
 )
+FORMATS = (*EXPORT_FORMATS, "asset")  # asset: the textured PBR GLB of `prd generate --asset`
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -36,7 +37,7 @@ class MeshRequest:
     prompt: str
     seed: int = 0
     resolution: int = 64
-    file_format: str = "glb"
+    file_format: str = "glb"  # glb, obj, ply, or asset (decimated, unwrapped, baked PBR GLB)
     uv_texture: bool = False  # xatlas unwrap and a baked texture (GLB, OBJ)
 
 
@@ -103,12 +104,14 @@ def check_request(
     text, notices = clean_prompt(prompt)
     text, cut = truncate_to_tokens(text, tokenizer)
     fmt = str(file_format).strip().lower().lstrip(".") if isinstance(file_format, str) else file_format
-    if fmt not in EXPORT_FORMATS:
-        raise RequestError(f"unknown format {file_format!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    if fmt not in FORMATS:
+        raise RequestError(f"unknown format {file_format!r}: use one of {', '.join(FORMATS)}")
     if not isinstance(uv_texture, bool):
         raise RequestError(f"uv_texture must be true or false, got {uv_texture!r}")
     if uv_texture and fmt == "ply":
         raise RequestError("a UV texture needs format glb or obj: PLY stores vertex colours only")
+    if uv_texture and fmt == "asset":
+        raise RequestError("format asset bakes its own albedo and normal maps: leave the UV texture off")
     request = MeshRequest(
         prompt=text,
         seed=_integer(seed, "seed", 0, MAX_SEED),

@@ -7,6 +7,10 @@
 are baked from the field into a PBR GLB (or OBJ / MTL); `faces` alone decimates a vertex-colour (or
 `uv_texture`) export. Either way the record gets the Chamfer / Hausdorff distance to the full mesh.
 
+Its two halves serve callers that batch differently (`prd serve`): `sample_fields(student, prompts, seeds)` runs
+the networks for B prompts at once and returns the batched field; `export_object(mesh, object_field(field, i),
+path, ...)` writes one object's file.
+
 Object i of a run is drawn from noise seeded with `seed + i`, so a mesh does not depend on the batch
 size or on the other prompts. Each record names the prompt, its seed, the file written and the mesh
 sizes; `StageTimer` collects the seconds per stage (text encoding, denoising, triplane decoding, mesh
@@ -132,7 +136,7 @@ class _ObjectOfBatch:
         return self.field.sdf(self._batch(points))[self.index : self.index + 1]
 
 
-def _object_field(field, index: int):
+def object_field(field, index: int):
     """The sub-field of object `index` of a batched TriplaneField (of another representation's field: a view)."""
     from lightning_modules.student.triplane_field import TriplaneField
 
@@ -145,6 +149,24 @@ def _object_field(field, index: int):
         field.deformation_network,
         field.config,
     )
+
+
+@torch.no_grad()
+def sample_fields(student, prompts: list[str], seeds: list[int], timer: StageTimer | None = None):
+    """The networks for B prompts at once: text encoding, denoising from `student.make_noise(1, seed=seeds[i])`
+    per object, triplane decoding (timed as those stages). Returns the batched `TriplaneField` (planes
+    `[B, 6, ...]`; object i with `object_field(field, i)`), the same per object whatever the batch."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    timer = timer if timer is not None else StageTimer()
+    device = student.device
+    with timer("text encoding", device):
+        emb = student.encode_prompt(list(prompts))
+    with timer("denoising", device):
+        noise = torch.cat([student.make_noise(1, seed=s) for s in seeds])
+        latents = student.denoise(emb, noise)
+    with timer("triplane decoding", device):
+        return student.decode(latents)
 
 
 @torch.no_grad()
@@ -189,39 +211,56 @@ def generate_meshes(
     bar = tqdm(total=len(prompts), desc="generating", unit="mesh", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        with timer("text encoding", device):
-            emb = student.encode_prompt(batch)
-        with timer("denoising", device):
-            noise = torch.cat([student.make_noise(1, seed=seed + start + i) for i in range(len(batch))])
-            latents = student.denoise(emb, noise)
-        with timer("triplane decoding", device):
-            field_batch = student.decode(latents)
+        field_batch = sample_fields(student, batch, [seed + start + i for i in range(len(batch))], timer)
         with timer("mesh extraction", device):
             try:
                 meshes = extract_mesh(field_batch, resolution=resolution, empty_fallback=empty_surface)
             except EmptySurfaceError as err:
                 raise UserError(f"{err} (prompts {start + 1}-{start + len(batch)})") from None
-            colors = [  # vertex colours (an asset bakes its maps instead)
-                None if asset is not None else
-                _object_field(field_batch, i).color(m.vertices[None].to(device, student.dtype))[0]
-                for i, m in enumerate(meshes)
-            ]
-        with timer("export", device):
-            for i, (prompt, mesh, rgb) in enumerate(zip(batch, meshes, colors, strict=True)):
-                index = start + i
-                path = out_dir / f"{index:04d}_{slugify(prompt)}.{file_format}"
-                obj = _object_field(field_batch, i)
-                record = dict(index=index, prompt=prompt, seed=seed + index)
-                if asset is not None:
-                    record.update(_write_asset(path, mesh, obj, asset, file_format, device, student.dtype))
-                else:
-                    record.update(_write_mesh(path, mesh, rgb, obj, faces, file_format, uv_texture, texture_size,
-                                              material, device, student.dtype))
-                record["empty_surface_fallback"] = bool(mesh.used_fallback)
-                records.append(record)
+        for i, (prompt, mesh) in enumerate(zip(batch, meshes, strict=True)):
+            index = start + i
+            path = out_dir / f"{index:04d}_{slugify(prompt)}.{file_format}"
+            record = export_object(mesh, object_field(field_batch, i), path, timer=timer, device=device,
+                                   dtype=student.dtype, file_format=file_format, faces=faces, asset=asset,
+                                   uv_texture=uv_texture, texture_size=texture_size, material=material)
+            records.append(dict(index=index, prompt=prompt, seed=seed + index, **record))
         bar.update(len(batch))
     bar.close()
     return records
+
+
+def export_object(
+    mesh,
+    obj,
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    timer: StageTimer | None = None,
+    file_format: str = "glb",
+    faces: int | None = None,
+    asset: AssetSettings | None = None,
+    uv_texture: bool = False,
+    texture_size: int = 1024,
+    material: str = "pbr",
+) -> dict:
+    """The file of one object at `path`, as `generate_meshes` writes it: its marching-cubes `mesh` and its field
+    `obj` (`object_field(field, i)`, batch size 1, evaluated on `device` in `dtype`). Returns the record (file,
+    vertices, faces, empty_surface_fallback; "asset", or the distances when decimated). Vertex colours are
+    timed as "mesh extraction", the file as "export"."""
+    timer = timer if timer is not None else StageTimer()
+    device = torch.device(device)
+    with torch.no_grad():
+        with timer("mesh extraction", device):  # vertex colours (an asset bakes its maps instead)
+            rgb = None if asset is not None else obj.color(mesh.vertices[None].to(device, dtype))[0]
+        with timer("export", device):
+            if asset is not None:
+                record = _write_asset(Path(path), mesh, obj, asset, file_format, device, dtype)
+            else:
+                record = _write_mesh(Path(path), mesh, rgb, obj, faces, file_format, uv_texture, texture_size,
+                                     material, device, dtype)
+    record["empty_surface_fallback"] = bool(mesh.used_fallback)
+    return record
 
 
 def _write_asset(path: Path, mesh, obj, settings: AssetSettings, file_format: str, device, dtype) -> dict:

@@ -106,13 +106,17 @@ def rotate_planes(space_cache: Tensor, mode: str = "v1") -> Tensor:
     return torch.stack([xy, xz, yz], dim=2).flatten(1, 2)
 
 
+_PLANE_AXES = torch.tensor([0, 1, 0, 2, 2, 1])  # (column, row) axes of the planes xy, xz, yz
+
+
 def plane_coordinates(points: Tensor) -> Tensor:
     """Points `[B, N, 3]` in [-1, 1]^3 -> grid_sample coordinates (column, row) `[B, 3, N, 2]`.
 
     xy -> (x, y), xz -> (x, z), yz -> (z, y).
     """
-    x, y, z = points.unbind(-1)
-    return torch.stack([torch.stack([x, y], -1), torch.stack([x, z], -1), torch.stack([z, y], -1)], dim=1)
+    b, n, _ = points.shape
+    pairs = points[..., _PLANE_AXES.to(points.device)]  # [B, N, 6]: one gather instead of four stacks
+    return pairs.reshape(b, n, 3, 2).transpose(1, 2)
 
 
 def bilinear_sample(images: Tensor, grid: Tensor) -> Tensor:
@@ -139,24 +143,29 @@ def bilinear_sample(images: Tensor, grid: Tensor) -> Tensor:
     return out
 
 
-def sample_planes(planes: Tensor, points: Tensor, mode: str) -> Tensor:
+def sample_planes(planes: Tensor, points: Tensor, mode: str, twice_differentiable: bool = True) -> Tensor:
     """Bilinear features of 3 planes `[B, 3, C, H, W]` at points `[B, N, 3]` in [-1, 1]^3.
 
     Pixel centres sit at (2i + 1) / N - 1 (align_corners=False); outside neighbours count as zero.
     Returns `[B, N, C]` (mode "v1": sum over planes) or `[B, N, 3C]` ("v2": [xy | xz | yz]).
     When the points require grad (normals, eikonal terms), the twice-differentiable `bilinear_sample`
-    is used; otherwise PyTorch's faster `grid_sample`. Both compute the same values.
+    is used, unless `twice_differentiable=False` says that a first derivative will do (baking normal maps);
+    otherwise PyTorch's faster `grid_sample`, whose own backward gives the first derivative w.r.t. the points
+    (3-4x faster than autograd through the gathers). Both compute the same values and first derivatives (but
+    on a texel edge, where the gathers' |x - xi| has a zero derivative and grid_sample's is one-sided).
     """
     b, n_planes, c, h, w = planes.shape
     n = points.shape[1]
     grid = plane_coordinates(points).reshape(b * n_planes, n, 2)
     images = planes.reshape(b * n_planes, c, h, w)
-    if torch.is_grad_enabled() and points.requires_grad:
+    if twice_differentiable and torch.is_grad_enabled() and points.requires_grad:
         feats = bilinear_sample(images, grid)  # [B*3, C, N]
     else:
         feats = F.grid_sample(images, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=False)
-    feats = feats.reshape(b, n_planes, c, n).permute(0, 3, 1, 2)  # [B, N, 3, C]
-    return feats.sum(dim=2) if mode == "v1" else feats.reshape(b, n, n_planes * c)
+    feats = feats.reshape(b, n_planes, c, n)
+    if mode == "v1":  # summed over the planes while each plane's channels are contiguous
+        return feats.sum(dim=1).transpose(1, 2)  # [B, N, C]
+    return feats.permute(0, 3, 1, 2).reshape(b, n, n_planes * c)
 
 
 def color_activation(features: Tensor) -> Tensor:
@@ -232,11 +241,12 @@ class TriplaneField:
             )
         return points.to(self.planes.dtype)
 
-    def geo_features(self, points: Tensor) -> Tensor:
+    def geo_features(self, points: Tensor, twice_differentiable: bool = True) -> Tensor:
         """Geometry features `[B, N, C]` ("v1") or `[B, N, 3C]` ("v2")."""
         points = self._points(points)
         return sample_planes(
-            self.planes[:, GEOMETRY_PLANES], points / self.config.radius, self.config.geo_interpolate
+            self.planes[:, GEOMETRY_PLANES], points / self.config.radius, self.config.geo_interpolate,
+            twice_differentiable,
         )
 
     def tex_features(self, points: Tensor) -> Tensor:
@@ -256,14 +266,15 @@ class TriplaneField:
             return (points / size).norm(dim=-1) - 1.0
         return float(cfg.sdf_bias)
 
-    def sdf_raw(self, points: Tensor) -> Tensor:
+    def sdf_raw(self, points: Tensor, twice_differentiable: bool = True) -> Tensor:
         """SDF MLP output without the prior `[B, N]`."""
-        return self.sdf_network(self.geo_features(points)).squeeze(-1)
+        return self.sdf_network(self.geo_features(points, twice_differentiable)).squeeze(-1)
 
-    def sdf(self, points: Tensor) -> Tensor:
-        """Signed distance `[B, N]` (negative inside), sphere prior included."""
+    def sdf(self, points: Tensor, twice_differentiable: bool = True) -> Tensor:
+        """Signed distance `[B, N]` (negative inside), sphere prior included. `twice_differentiable=False`: the
+        points' first derivative only (faster; `sample_planes`)."""
         points = self._points(points)
-        return self.sdf_raw(points) + self.sdf_bias(points)
+        return self.sdf_raw(points, twice_differentiable) + self.sdf_bias(points)
 
     def deformation(self, points: Tensor) -> Tensor:
         """Raw deformation `[B, N, 3]` of marching-cubes grid vertices (zeros without a deformation MLP)."""
@@ -297,7 +308,7 @@ class TriplaneField:
         with torch.enable_grad():
             if not points.requires_grad:
                 points = points.detach().requires_grad_(True)
-            sdf = self.sdf(points)
+            sdf = self.sdf(points, twice_differentiable=create_graph)
             (grad,) = torch.autograd.grad(sdf.sum(), points, create_graph=create_graph)
         return sdf, grad
 
