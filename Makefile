@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# PRD on the CPU (~7 min on 2 cores): trains configs/demo_cpu.yaml, exports a mesh and a turntable per
+# PRD on the CPU (~3.5 min on 2 cores): trains configs/demo_cpu.yaml, exports a mesh and a turntable per
 # prompt to outputs/demo and prints each mesh's Chamfer distance to its target, untrained vs trained.
 demo: $(STAMP)
 	$(BIN)/python -m lightning_modules.demo

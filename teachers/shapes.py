@@ -386,27 +386,28 @@ def sample_surface_points(target: ShapeTarget, num_points: int = 10000, seed: in
     return sample_mesh_surface(mesh.vertices, mesh.faces, num_points, seed)
 
 
-def chamfer_distance(points_a: Tensor, points_b: Tensor, squared: bool = False, chunk_size: int = 4096) -> Tensor:
+def chamfer_distance(points_a: Tensor, points_b: Tensor, squared: bool = False) -> Tensor:
     """Symmetric Chamfer distance between point sets `points_a [N, 3]` and `points_b [M, 3]`:
 
         CD(A, B) = 1/2 (mean_{a in A} min_{b in B} d(a, b) + mean_{b in B} min_{a in A} d(a, b))
 
     with d = ||a - b|| (world units: the mean surface-to-surface distance), or ||a - b||^2 with
-    `squared=True`. Nearest neighbours by `torch.cdist` in chunks of `chunk_size` rows. Scalar tensor.
+    `squared=True`. Exact nearest neighbours from k-d trees (scipy's `cKDTree`), in float64: about a
+    thousand times less work than all pairwise distances. A metric, not differentiable. Scalar float64 tensor.
     """
     if points_a.ndim != 2 or points_b.ndim != 2 or points_a.shape[1] != points_b.shape[1]:
         raise ValueError(f"chamfer_distance needs two point sets [N, D] and [M, D], got {list(points_a.shape)} and {list(points_b.shape)}")
     if points_a.shape[0] == 0 or points_b.shape[0] == 0:
         raise ValueError("chamfer_distance needs non-empty point sets")
+    from scipy.spatial import cKDTree
 
-    def nearest(source: Tensor, reference: Tensor) -> Tensor:
-        return torch.cat([torch.cdist(chunk, reference).amin(dim=1) for chunk in source.split(chunk_size)])
-
-    a, b = points_a.float(), points_b.to(points_a.device).float()
-    d_ab, d_ba = nearest(a, b), nearest(b, a)
+    a = points_a.detach().cpu().double().numpy()
+    b = points_b.detach().cpu().double().numpy()
+    d_ab, _ = cKDTree(b).query(a)
+    d_ba, _ = cKDTree(a).query(b)
     if squared:
-        d_ab, d_ba = d_ab.square(), d_ba.square()
-    return 0.5 * (d_ab.mean() + d_ba.mean())
+        d_ab, d_ba = d_ab**2, d_ba**2
+    return torch.tensor(0.5 * (d_ab.mean() + d_ba.mean()), dtype=torch.float64)
 
 
 def bounding_radius(target: ShapeTarget) -> float:

@@ -12,9 +12,11 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.demo.cpu_demo import main
+from lightning_modules.demo.cpu_demo import build_parser, main
 from lightning_modules.demo.tiny_models import (
     DEMO_BASE_MARKER,
+    SHIPPED_DEMO_UNET,
+    SHIPPED_DEMO_UNET_SETTINGS,
     DemoBaseExistsError,
     build_demo_base,
     toy_latent_images,
@@ -73,6 +75,39 @@ def test_demo_base_pretraining_makes_the_unet_a_denoiser_and_is_reused(tmp_path)
     with pytest.raises(DemoBaseExistsError, match="is not a demo base"):
         build_demo_base(tmp_path / "other", PROMPTS, latent_size=8, steps=1, batch_size=8, log=None)
     assert not (tmp_path / "trained.partial").exists()
+
+
+def test_make_demo_uses_the_shipped_unet_which_the_pretraining_reproduces(tmp_path):
+    """`make demo` loads the shipped pretrained UNet instead of spending ~80 s pretraining it: its settings are
+    the demo's, and pretraining anew with them gives the same weights (bit for bit on the machine that made the
+    file; the tolerance leaves room for another CPU's float32 rounding over 600 AdamW steps)."""
+    from safetensors.torch import load_file
+
+    shipped_settings = json.loads(SHIPPED_DEMO_UNET_SETTINGS.read_text())
+    config = yaml.safe_load(open("configs/demo_cpu.yaml"))
+    student = config["model"]["init_args"]["student_config"]
+    steps = student["num_inference_steps"]
+    demo_settings = dict(
+        prompts=list(dict.fromkeys(config["data"]["init_args"]["train_prompts"])),
+        latent_size=student["latent_size"],
+        steps=build_parser().parse_args([]).base_pretrain_steps,
+        timesteps=[999 - k * (1000 // steps) for k in range(steps)],
+    )
+    assert {key: shipped_settings[key] for key in demo_settings} == demo_settings
+
+    build = dict(prompts=demo_settings["prompts"], latent_size=demo_settings["latent_size"], steps=demo_settings["steps"],
+                 timesteps=tuple(demo_settings["timesteps"]), log=None)  # fmt: skip
+    loaded = build_demo_base(tmp_path / "loaded", **build)
+    assert json.loads((loaded / DEMO_BASE_MARKER).read_text()) == shipped_settings
+    pretrained = build_demo_base(tmp_path / "pretrained", pretrain=True, **build)
+    for file in sorted(p.relative_to(loaded) for p in loaded.rglob("*") if p.is_file()):
+        if file.suffix != ".safetensors" or file.parent.name != "unet":
+            assert (loaded / file).read_bytes() == (pretrained / file).read_bytes(), file
+    ours = load_file(next((pretrained / "unet").glob("*.safetensors")))
+    theirs = load_file(SHIPPED_DEMO_UNET)
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=0.0, atol=1e-3 * float(value.abs().max()) + 1e-12, msg=key)
 
 
 @pytest.fixture

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-reduction", type=float, default=0.5, help="required Chamfer reduction per prompt (default: %(default)s)")
     parser.add_argument("--num-points", type=int, default=5000, help="surface points per mesh for the Chamfer distance (default: %(default)s)")
     parser.add_argument("--base-pretrain-steps", type=int, default=600, help="UNet pretraining steps of a newly built base model (default: %(default)s)")
+    parser.add_argument(
+        "--pretrain-base", action="store_true",
+        help="pretrain a newly built base's UNet here (~80 s) even when the shipped weights "
+             "(lightning_modules/demo/demo_base_unet.safetensors) were pretrained with the same settings",
+    )  # fmt: skip
     parser.add_argument("--turntable-frames", type=int, default=8, help="views in each turntable image (default: %(default)s)")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -116,7 +121,7 @@ def _run(args: argparse.Namespace, overrides: list[str], out: Path, start: float
     latent_size = int(model.student_config.latent_height)
     steps = int(model.num_steps or model.student_config.num_inference_steps)
     timesteps = tuple(999 - k * (1000 // steps) for k in range(steps))  # the student's DDIM "leading" timesteps
-    build_demo_base(base, prompts, latent_size=latent_size, steps=args.base_pretrain_steps, timesteps=timesteps)
+    build_demo_base(base, prompts, latent_size=latent_size, steps=args.base_pretrain_steps, timesteps=timesteps, pretrain=args.pretrain_base)
     built = time.perf_counter()
 
     trainer.callbacks.append(SaveUntrainedStudent(out / "student_untrained"))

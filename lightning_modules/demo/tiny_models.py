@@ -152,6 +152,12 @@ def make_tiny_sd(
 
 
 DEMO_BASE_MARKER = "demo_base.json"
+# The demo base's UNet as `build_demo_base` pretrains it with the demo's settings (`SHIPPED_DEMO_UNET_SETTINGS`),
+# shipped like SD's weights are downloaded: the demo does not spend 80 s of its 4 minutes on it, and every
+# machine starts from the same bits (pretraining in float32 on another CPU drifts in the last digits).
+# `tests/test_demo.py` pretrains it anew and compares; `prd demo --pretrain-base` redoes it.
+SHIPPED_DEMO_UNET = Path(__file__).with_name("demo_base_unet.safetensors")
+SHIPPED_DEMO_UNET_SETTINGS = SHIPPED_DEMO_UNET.with_suffix(".json")
 
 
 class DemoBaseExistsError(UserError):
@@ -183,6 +189,7 @@ def build_demo_base(
     seed: int = 0,
     unet: dict | None = DEMO_UNET,
     log: Callable[[str], None] | None = print,
+    pretrain: bool = False,
 ) -> Path:
     """Write the CPU demo's base model to `directory`: reused when it was built with the same settings, never
     overwritten when it was built with others (`DemoBaseExistsError`: students trained on it need it as it is).
@@ -192,7 +199,9 @@ def build_demo_base(
     (`toy_latent_images`), no shapes and nothing 3D. Loss: the x0 prediction's MSE at `timesteps` (those
     the student samples at: 999 and 499 for the demo's 2 steps), with the noise schedule of the scheduler
     config. `unet`: `tiny_unet_config` arguments (default `DEMO_UNET`). The
-    global RNG state is left as it was.
+    global RNG state is left as it was. With the settings the shipped UNet was pretrained with
+    (`SHIPPED_DEMO_UNET_SETTINGS`: the demo's), its weights are loaded instead of pretraining anew, unless
+    `pretrain`.
 
     Why: the student relies on its base being a denoiser. A random UNet's x0 prediction at t = 999 is
     its input noise amplified ~15x (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), sqrt(abar) = 0.068), and
@@ -224,8 +233,13 @@ def build_demo_base(
     # built beside it and renamed when complete: an interrupted build leaves no half-built base behind
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    shipped = not pretrain and SHIPPED_DEMO_UNET.exists() and json.loads(SHIPPED_DEMO_UNET_SETTINGS.read_text()) == settings
     with torch.random.fork_rng():  # callers' seeded initialisations must not depend on whether we built
-        _pretrain_demo_base(partial, prompts, latent_size, steps, timesteps, batch_size, lr, seed, unet, log)
+        make_tiny_sd(partial, seed=seed, unet=unet)
+        if shipped:
+            _load_shipped_unet(partial, log)
+        else:
+            _pretrain_demo_base(partial, prompts, latent_size, steps, timesteps, batch_size, lr, seed, log)
     (partial / DEMO_BASE_MARKER).write_text(json.dumps(settings, indent=2))
     if directory.exists():
         directory.rmdir()  # empty (checked above)
@@ -233,11 +247,21 @@ def build_demo_base(
     return directory
 
 
-def _pretrain_demo_base(directory, prompts, latent_size, steps, timesteps, batch_size, lr, seed, unet, log) -> None:
+def _load_shipped_unet(directory: Path, log: Callable[[str], None] | None) -> None:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    unet = UNet2DConditionModel(**UNet2DConditionModel.load_config(directory / "unet"))
+    unet.load_state_dict(load_file(SHIPPED_DEMO_UNET), strict=True)
+    unet.eval().save_pretrained(directory / "unet")
+    if log is not None:
+        log(f"demo base: pretrained UNet loaded from {SHIPPED_DEMO_UNET.name} (--pretrain-base pretrains it here, ~80 s)")
+
+
+def _pretrain_demo_base(directory, prompts, latent_size, steps, timesteps, batch_size, lr, seed, log) -> None:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    make_tiny_sd(directory, seed=seed, unet=unet)
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder").eval()
     scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
