@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m lightning_modules.demo
 
 # The web page and HTTP API (POST /generate) on http://127.0.0.1:7860/, serving the demo's student (trained
-# first, ~5-7 min, when `make demo` has not run) unless SERVE_ARGS says otherwise, e.g. SERVE_ARGS="--weights W --base B --port 8000".
+# first, ~3-4 min, when `make demo` has not run) unless SERVE_ARGS says otherwise, e.g. SERVE_ARGS="--weights W --base B --port 8000".
 serve: $(STAMP)
 	$(BIN)/prd serve $(SERVE_ARGS)
 

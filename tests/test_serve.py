@@ -284,7 +284,7 @@ def test_serve_without_weights_or_demo_trains_the_demo_student_with_a_notice(tmp
     assert command.resolve_weights(None, None, train=True) == (str(command.DEMO_BASE), str(command.DEMO_STUDENT))
     assert commands == [[sys.executable, "-m", "lightning_modules.demo"]]
     out = capsys.readouterr().out
-    assert "training it now as `make demo` does (about 5-7 minutes" in out and "the demo's student is trained" in out
+    assert "training it now as `make demo` does (about 3-4 minutes" in out and "the demo's student is trained" in out
     assert command.resolve_weights(None, None, train=True) == (str(command.DEMO_BASE), str(command.DEMO_STUDENT))
     assert len(commands) == 1  # trained once, then served
 

@@ -6,7 +6,7 @@
 
 Weights as for `prd generate`. Without `--weights` it serves the CPU demo's trained student
 (`outputs/demo/student` on the base `.demo/tiny_sd`, both written by `make demo`); when that is not there either,
-it trains it first (`python -m lightning_modules.demo`, ~5-7 min on 2 cores, with a notice and the demo's own
+it trains it first (`python -m lightning_modules.demo`, ~3-4 min on 2 cores, with a notice and the demo's own
 progress), unless `--no-train` asks for a one-line error instead. Every argument is checked
 before the model loads; the student is loaded once. Listens on 127.0.0.1 unless `--host` says otherwise.
 """
@@ -71,7 +71,7 @@ def train_demo_student() -> None:
     """Train the CPU demo's student as `make demo` does (a child process, its progress printed as it goes), with
     a notice before and the time it took after; a `NoWeightsError` when no student came out."""
     print(f"prd serve: no --weights given and the CPU demo's student ({DEMO_STUDENT} on {DEMO_BASE}) is not here: "
-          "training it now as `make demo` does (about 5-7 minutes on 2 CPU cores); the page starts when it is done. "
+          "training it now as `make demo` does (about 3-4 minutes on 2 CPU cores); the page starts when it is done. "
           "Pass --weights to serve other weights, or --no-train to stop instead.", flush=True)
     start = time.perf_counter()
     code = subprocess.run([sys.executable, "-m", "lightning_modules.demo"], check=False).returncode
