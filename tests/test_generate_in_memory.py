@@ -76,7 +76,8 @@ def gaussian_student(tiny_sd_dir, tmp_path_factory):
     return student, student.save_pretrained(tmp_path_factory.mktemp("gaussian_student"))
 
 
-def test_a_gaussian_student_generates_gaussians_and_prd_generate_writes_ply_and_glb(gaussian_student, tmp_path, capsys):
+def test_a_gaussian_student_generates_gaussians_and_prd_generate_writes_ply_and_glb(gaussian_student, tiny_sd_dir, tmp_path,
+                                                                                   capsys):
     ply = pytest.importorskip("renderers.gaussian_ply", reason="the Gaussian PLY format (branch gs-render) is not merged yet")
     student, weights = gaussian_student
     output = generate(student, PROMPTS[:2], seed=3, resolution=16, batch_size=2)
@@ -87,7 +88,7 @@ def test_a_gaussian_student_generates_gaussians_and_prd_generate_writes_ply_and_
             assert torch.allclose(obj.gaussians.means, obj.field.gaussian_attributes()["means"], atol=1e-6)
 
     out = tmp_path / "out"
-    code = main(["generate", *PROMPTS[:2], "--base", str(student.config.base_model_name_or_path), "--weights", str(weights),
+    code = main(["generate", *PROMPTS[:2], "--base", str(tiny_sd_dir), "--weights", str(weights),
                  "--out", str(out), "--resolution", "16", "--seed", "3", "--no-progress", "--device", "cpu", "--no-merge"])
     assert code == 0 and "gaussians" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
