@@ -90,7 +90,7 @@ def test_untrained_gaussians_are_discs_on_the_zero_level_with_the_fields_colour(
     assert torch.allclose(thin_axis, g["normals"], atol=1e-5)
     sphere_spacing = math.sqrt(4 * math.pi * 0.4**2 / n)  # the marching-cubes area is a little less than the sphere's
     assert torch.allclose(g["spacing"], torch.full((2,), sphere_spacing), rtol=0.05)
-    expected = g["spacing"][:, None, None] * torch.tensor([1.0, 1.0, 0.25])
+    expected = settings.scale_factor * g["spacing"][:, None, None] * torch.tensor([1.0, 1.0, 0.25])
     assert torch.allclose(g["scales"], expected.expand(2, n, 3), rtol=1e-6)
     # SH degree 0 in the 3DGS convention gives back the field's colour at the centre
     assert torch.allclose(0.5 + SH_C0 * g["sh"][:, :, 0], field.color(g["means"]), atol=1e-6)
