@@ -16,8 +16,8 @@ How the Gaussians of one object are made (`TriplaneGaussianField.gaussian_attrib
    renders of the Gaussians move the SDF surface, which is what the GLB mesh is then extracted from.
 3. **Attributes** from the triplane features at the centres, by two small MLPs (the only new weights):
    - geometry head (geometry features -> 8): opacity `sigmoid(logit(init_opacity) + o)`; scales
-     `base * (1, 1, thickness) * exp(2.5 tanh(r / 2.5))` with base = `scale_factor * sqrt(area / N)` (the
-     mean spacing of the anchors); rotation `q_n * normalise((1, 0, 0, 0) + q)`, where `q_n` turns the
+     `base * (1, 1, thickness) * exp(0.5 tanh(r))` with base = `scale_factor * sqrt(area / N)` (half the
+     mean spacing of the anchors by default; the head adjusts within x[0.61, 1.65] only); rotation `q_n * normalise((1, 0, 0, 0) + q)`, where `q_n` turns the
      local z axis onto the SDF normal: each Gaussian starts as a flat disc tangent to the surface;
    - colour: SH degree 0 from the field's colour MLP (`sh0 = (rgb - 0.5) / C0`, so the splats and the
      mesh share one colour); with `sh_degree: 1` a colour head (texture features -> 9) adds the 3 degree-1
@@ -49,6 +49,7 @@ from lightning_modules.student.triplane_student import TriplaneStudent
 
 SH_C0 = 0.28209479177387814  # the degree-0 real spherical harmonic, 1 / (2 sqrt(pi))
 GEOMETRY_OUTPUTS = 8  # opacity 1, scales 3, rotation 4
+SCALE_RANGE = 0.5  # the geometry head scales each axis by exp(0.5 tanh(x)), within x[0.61, 1.65]
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,9 @@ class TriplaneGaussianField(TriplaneField):
         opacity_raw, scale_raw, rotation_raw = geometry.split([1, 3, 4], dim=-1)
         opacities = torch.sigmoid(opacity_raw.squeeze(-1) + math.log(cfg.init_opacity / (1 - cfg.init_opacity)))
         shape = torch.tensor([1.0, 1.0, cfg.thickness], device=centres.device, dtype=centres.dtype)
-        scales = (cfg.scale_factor * spacing)[:, None, None] * shape * torch.exp(2.5 * torch.tanh(scale_raw / 2.5))
+        # the head adjusts each scale within x[0.61, 1.65]: larger splats would let the teachers trade footprint for
+        # surface position (a fatter silhouette, a retreating SDF), see GaussianSettings
+        scales = (cfg.scale_factor * spacing)[:, None, None] * shape * torch.exp(SCALE_RANGE * torch.tanh(scale_raw))
         identity = torch.tensor([1.0, 0.0, 0.0, 0.0], device=centres.device, dtype=centres.dtype)
         quats = quaternion_multiply(z_to_direction(normals), F.normalize(identity + rotation_raw, dim=-1))
         texture = self.tex_features(centres)
