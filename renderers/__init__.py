@@ -1,6 +1,6 @@
-"""Cameras, marching cubes, mesh rasteriser (nvdiffrast / PyTorch), NeuS volume renderer, backgrounds,
-turntables and mesh export: everything that turns a 3D field or mesh into images. The lowest layer of the
-project: it imports nothing from datamodules/, teachers/ or lightning_modules/. Shared data contracts (the
+"""Cameras, marching cubes, mesh rasteriser (nvdiffrast / PyTorch), NeuS volume renderer, 3D Gaussian
+renderer (gsplat / PyTorch) and Gaussian PLY files, backgrounds, turntables and mesh export: everything
+that turns a 3D field, mesh or Gaussians into images. The lowest layer of the project: it imports nothing from datamodules/, teachers/ or lightning_modules/. Shared data contracts (the
 `Field` protocol every representation implements, `Cameras`, `RenderOutput`): renderers/types.py; the base
 of every one-line user error: renderers/errors.py.
 
@@ -18,6 +18,8 @@ _EXPORTS = {
     "EmptySurfaceError": "renderers.marching_cubes",
     "Field": "renderers.types",
     "FieldWithSharedGeometry": "renderers.types",
+    "GaussianRenderer": "renderers.gaussian_renderer",
+    "Gaussians": "renderers.gaussians",
     "MeshRenderer": "renderers.mesh_renderer",
     "NeuSVolumeRenderer": "renderers.volume_renderer",
     "RandomColorBackground": "renderers.backgrounds",

@@ -115,7 +115,7 @@ class RenderOutput:
              "alpha" (1), "normal" (3, camera-space normals mapped to [0, 1]), "depth" (1),
              "disparity" (1, normalised to [0, 1] as in the reference).
     cameras: the cameras the images were drawn from.
-    renderer: "mesh" or "volume".
+    renderer: "mesh", "volume" or "gaussian".
     regularizers: name -> scalar loss the renderer computed on the way (e.g. "eikonal", "sparsity").
     """
 

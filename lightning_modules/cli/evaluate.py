@@ -3,6 +3,10 @@
     prd eval --weights W [--base SD] --prompts dreamfusion415 --split test --out DIR   generate + score
     prd eval --meshes MESH_DIR --prompts prompts.txt --out DIR                         score given meshes
 
+A .ply file with the 3D Gaussian Splatting properties (f_dc_*, opacity, scale_*, rot_*) is scored as
+Gaussians under the same protocol (lightning_modules/evaluation/gaussians.py): meshes and splats can share
+one folder and one table.
+
 Protocol (the TriplaneTurbo reference's): each mesh is normalised into [-0.9, 0.9]^3 (bounding box,
 as the reference's renderer does), rendered unlit with its colours on a white background from 4
 azimuths (0, 90, 180, 270 deg; azimuth 0 looks at the front) at elevation 15 deg, distance 3,
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="student weights to generate meshes with (file, folder or hub id)")
-    source.add_argument("--meshes", help="folder of meshes (.glb .gltf .obj .ply) to score")
+    source.add_argument("--meshes", help="folder of meshes (.glb .gltf .obj .ply) and / or 3D Gaussian Splatting PLYs to score")
     parser.add_argument("--base", default=None, help="SD base model of the student (default: from its config)")
     parser.add_argument("--prompts", required=True, help="bundled set name (dreamfusion415), .json, .jsonl or .txt")
     parser.add_argument("--split", default="test", help="list to take from a JSON file with splits")
@@ -112,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     # running
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--renderer", choices=("auto", "torch", "nvdiffrast"), default="auto",
-                        help="rasteriser backend (auto: nvdiffrast on CUDA when installed, else PyTorch)")
+                        help="rasteriser backend (auto: nvdiffrast on CUDA when installed, else PyTorch; "
+                             "Gaussian PLYs: gsplat on CUDA when installed unless torch)")
     parser.add_argument("--max-sheet-rows", type=int_at_least(1), default=16, help="prompts shown on the contact sheet")
     parser.add_argument("--overwrite", action="store_true", help="discard a previous run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,4 +1,4 @@
-"""The evaluation's rendering protocol: how every mesh is seen before CLIP scores it.
+"""The evaluation's rendering protocol: how every mesh (or Gaussian splat) is seen before CLIP scores it.
 
 Defaults are the TriplaneTurbo reference's: the mesh normalised into [-0.9, 0.9]^3 (bounding box), rendered
 unlit with its colours on a white background from 4 azimuths (0, 90, 180, 270 deg; azimuth 0 looks at the
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.evaluation.meshes import MeshData
+from renderers.gaussians import Gaussians
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,20 @@ def evaluation_cameras_for(protocol: RenderProtocol, device: torch.device | str 
 
 
 def render_views(
-    mesh: MeshData, protocol: RenderProtocol, device: torch.device | str = "cpu", backend: str = "auto"
+    mesh: MeshData | Gaussians, protocol: RenderProtocol, device: torch.device | str = "cpu", backend: str = "auto"
 ) -> Tensor:
-    """Render `mesh` (world coordinates) under `protocol`: unlit RGB on white, `[V, 3, H, W]` in [0, 1].
+    """Render `mesh` (world coordinates), or one object of Gaussians, under `protocol`: unlit RGB on white,
+    `[V, 3, H, W]` in [0, 1].
 
-    The one place that calls the project's rasteriser (backend: "auto", "torch" or "nvdiffrast").
+    The one place that calls the project's rasterisers (backend: "auto", "torch" or "nvdiffrast").
     """
     from renderers.mesh_renderer import render_mesh
 
     cameras = evaluation_cameras_for(protocol, device)
+    if isinstance(mesh, Gaussians):
+        from lightning_modules.evaluation.gaussians import render_gaussian_views
+
+        return render_gaussian_views(mesh, cameras, backend)
     with torch.no_grad():
         if mesh.textures:
             return render_textured(mesh, cameras, backend)[0].clamp(0, 1)

@@ -1,5 +1,6 @@
 """One resumable evaluation run in an output folder: generate the missing meshes (weights mode), render and
-CLIP-embed every prompt's mesh, score them.
+CLIP-embed every prompt's mesh (or 3D Gaussian Splatting PLY, lightning_modules/evaluation/gaussians.py),
+score them.
 
 The folder holds `eval_config.json` (the run's settings: a rerun with other settings is refused),
 `progress.jsonl` (one record per finished prompt, with its CLIP image embeddings), `generated.jsonl` and
@@ -21,10 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_modules.evaluation.meshes import load_mesh, normalize_mesh, slugify
+from lightning_modules.evaluation.gaussians import is_gaussian_file, load_gaussians, normalize_gaussians
+from lightning_modules.evaluation.meshes import MeshData, load_mesh, normalize_mesh, slugify
 from lightning_modules.evaluation.protocol import RenderProtocol, render_views
 from lightning_modules.student.generation import resolve_device
 from renderers.errors import UserError
+from renderers.gaussians import Gaussians
 
 PROGRESS_JSONL = "progress.jsonl"
 GENERATED_JSONL = "generated.jsonl"
@@ -198,14 +201,14 @@ def embed_renders(
         paths = view_paths(out_dir, i, prompts[i], protocol)
         if not all(p.is_file() for p in paths):
             try:
-                loaded = load_mesh(meshes[i], protocol.mesh_frame)
+                loaded = load_object(meshes[i], protocol.mesh_frame)
             except UserError as err:
                 if unreadable is None:
                     raise UserError(f"{err}; fix or remove the file, or pass --allow-missing to skip it") from None
                 unreadable.append({"index": i, "prompt": prompts[i], "mesh": str(meshes[i]), "error": str(err)})
                 bar.update(1)
                 continue
-            mesh = normalize_mesh(loaded, protocol.normalize, protocol.bound)
+            mesh = normalize_object(loaded, protocol.normalize, protocol.bound)
             save_views(render_views(mesh, protocol, device, backend), paths[0].parent, protocol.azimuths)
         embeds = metric.encode_images(load_views(paths)[None].to(device))[0]  # [V, D]
         record = {
@@ -222,6 +225,19 @@ def embed_renders(
         bar.update(1)
     bar.close()
     return done
+
+
+def load_object(path: Path, mesh_frame: str) -> MeshData | Gaussians:
+    """A mesh file, or a 3D Gaussian Splatting PLY, in the world frame."""
+    if is_gaussian_file(path):
+        return load_gaussians(path, mesh_frame)
+    return load_mesh(path, mesh_frame)
+
+
+def normalize_object(loaded: MeshData | Gaussians, mode: str, bound: float) -> MeshData | Gaussians:
+    if isinstance(loaded, Gaussians):
+        return normalize_gaussians(loaded, mode, bound)
+    return normalize_mesh(loaded, mode, bound)
 
 
 def score(records: dict[int, dict], metric, device: torch.device) -> tuple[dict, list[dict]]:
