@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo serve test lint clean browser
+.PHONY: demo demo-gaussians serve test lint clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 # prompt to outputs/demo and prints each mesh's Chamfer distance to its target, untrained vs trained.
 demo: $(STAMP)
 	$(BIN)/python -m lightning_modules.demo
+
+# The same demo with 3D Gaussians (configs/demo_cpu_gaussians.yaml) into outputs/demo_gaussians: the Chamfer
+# distance of each prompt's Gaussian centres to its target, untrained vs trained.
+demo-gaussians: $(STAMP)
+	$(BIN)/python -m lightning_modules.demo --representation gaussians
 
 # The web page and HTTP API (POST /generate) on http://127.0.0.1:7860/, serving the demo's student (trained
 # first, ~3-4 min, when `make demo` has not run) unless SERVE_ARGS says otherwise, e.g. SERVE_ARGS="--weights W --base B --port 8000".

@@ -5,6 +5,9 @@
                  [--batch-size N] [--uv-texture] [--device auto|cpu|cuda] [--dtype float32|float16|bfloat16]
                  [--asset [--faces 20000] [--texture-size 1024] [--roughness 1]] [--faces N]
 
+A student with Gaussians (`TriplaneGaussianStudent`, its config.json names it) also writes each object's 3D
+Gaussians as a 3DGS PLY, `<name>_gaussians.ply`, beside the mesh of the same SDF; `--format` is the mesh's format.
+
 `--asset`: a game-ready PBR asset per prompt (decimated to --faces, UV atlas, albedo and normal maps baked
 from the field, GLB or OBJ / MTL); `--faces` alone decimates the vertex-colour (or --uv-texture) export.
 
@@ -58,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, help="noise seed of the first prompt (prompt i uses seed + i)")
-    p.add_argument("--format", dest="file_format", choices=EXPORT_FORMATS, default="glb")
+    p.add_argument("--format", dest="file_format", choices=EXPORT_FORMATS, default="glb",
+                   help="mesh file format (a student with Gaussians writes <name>_gaussians.ply, the 3DGS PLY, as well)")
     p.add_argument("--base", default=None, help=f"SD directory or hub id (default: from config.json, else {DEFAULT_BASE})")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="TriplaneTurbo weights: file, folder or hub id")
     p.add_argument("--resolution", type=int_at_least(4, 1024), default=160, help="marching-cubes grid vertices per axis")
@@ -137,6 +141,8 @@ def main(argv: list[str]) -> int:
         timings_seconds=dict(timer.seconds, load=load_seconds, total=timer.total),
     )
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    print(f"wrote {len(records)} mesh(es) to {args.out} (model loading {load_seconds:.2f} s)")
+    splats = sum("gaussians_file" in r for r in records)
+    print(f"wrote {len(records)} mesh(es){f' and {splats} Gaussian PLY(s)' if splats else ''} to {args.out} "
+          f"(model loading {load_seconds:.2f} s)")
     print(timer.table(len(records)))
     return 0

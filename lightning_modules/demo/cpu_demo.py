@@ -1,9 +1,13 @@
 """The CPU demo behind `make demo`: PRD trains a tiny student on procedural shapes, then meshes are exported
 and measured against their targets.
 
-    python -m lightning_modules.demo [--config configs/demo_cpu.yaml] [--out outputs/demo]
-                                     [--mesh-resolution 48] [--min-reduction 0.5] [--seed 0]
+    python -m lightning_modules.demo [--representation mesh|gaussians] [--config configs/demo_cpu.yaml]
+                                     [--out outputs/demo] [--mesh-resolution 48] [--min-reduction 0.5] [--seed 0]
                                      [LightningCLI overrides, e.g. --trainer.max_steps=20]
+
+`--representation gaussians` trains configs/demo_cpu_gaussians.yaml (the same demo with the student's
+Gaussians, drawn by the Gaussian rasteriser) into outputs/demo_gaussians and measures the Chamfer distance of the
+exported Gaussians' centres (the 3DGS PLY read back) instead of the mesh's; the GLB of the same SDF is written too.
 
 1. builds the tiny base model named in the config's `model.init_args.base` (`build_demo_base`, reused
    when it is already there);
@@ -25,6 +29,8 @@ import time
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/demo_cpu.yaml"
+# --representation -> (config, output folder)
+REPRESENTATIONS = {"mesh": (DEFAULT_CONFIG, "outputs/demo"), "gaussians": ("configs/demo_cpu_gaussians.yaml", "outputs/demo_gaussians")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # unknown options go to LightningCLI untouched
         description="Train configs/demo_cpu.yaml on the CPU and measure each prompt's mesh against its target shape.",
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="PRD config with ShapeTeacher prompts (default: %(default)s)")
-    parser.add_argument("--out", default="outputs/demo", help="meshes, turntables, students and report.json (default: %(default)s)")
+    parser.add_argument(
+        "--representation", choices=tuple(REPRESENTATIONS), default="mesh",
+        help="mesh: configs/demo_cpu.yaml into outputs/demo; gaussians: configs/demo_cpu_gaussians.yaml into "
+             "outputs/demo_gaussians, measuring the Gaussians' centres (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--config", default=None, help="PRD config with ShapeTeacher prompts (default: the representation's)")
+    parser.add_argument("--out", default=None, help="meshes, turntables, students and report.json (default: the representation's)")
     parser.add_argument("--mesh-resolution", type=int, default=48, help="marching-cubes grid of the exported meshes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of prompt i is seed + i, before and after training (default: %(default)s)")
     parser.add_argument("--min-reduction", type=float, default=0.5, help="required Chamfer reduction per prompt (default: %(default)s)")
@@ -84,6 +95,8 @@ def run(argv: list[str]) -> int:
 
     start = time.perf_counter()  # before the heavy imports: the start-up is part of the time printed
     args, overrides = build_parser().parse_known_args(argv)
+    config, out = REPRESENTATIONS[args.representation]
+    args.config, args.out = args.config or config, args.out or out
     if not Path(args.config).is_file():
         raise UserError(f"config {args.config} not found: run from the repository root or pass --config PATH")
     check_arguments(args)
@@ -137,9 +150,11 @@ def _run(args: argparse.Namespace, overrides: list[str], out: Path, start: float
 
     cd_before = [r["chamfer"] for r in before]
     cd_after = [r["chamfer"] for r in after]
+    measured = after[0]["measured"]
+    what = f"exported mesh ({args.mesh_resolution}^3 grid)" if measured == "mesh" else "exported object's Gaussian centres"
     print()
     print(f"PRD demo: {trainer.global_step} training steps on {len(prompts)} prompts; Chamfer distance of each "
-          f"exported mesh ({args.mesh_resolution}^3 grid) to its target shape, untrained vs trained student, same seeds")
+          f"{what} to its target shape, untrained vs trained student, same seeds")
     print(format_table(prompts, targets, cd_before, cd_after, nearest))
     print(f"time: start-up {ready - start:.0f} s, base model {built - ready:.0f} s, training {trained - built:.0f} s, meshes and measures "
           f"{done - trained:.0f} s, total {done - start:.0f} s")
@@ -147,11 +162,13 @@ def _run(args: argparse.Namespace, overrides: list[str], out: Path, start: float
     failed = [p for p, b, a in zip(prompts, cd_before, cd_after, strict=True) if a > (1 - args.min_reduction) * b]
     report = dict(
         config=args.config,
+        measured=measured,
         steps=trainer.global_step,
         min_reduction=args.min_reduction,
         prompts=[
             dict(prompt=p, target=t.name, chamfer_before=b, chamfer_after=a, reduction=1 - a / b,
-                 nearest_target=targets[n].name, file=r["file"], turntable=r.get("turntable"))
+                 nearest_target=targets[n].name, file=r["file"], turntable=r.get("turntable"),
+                 **({"gaussians_file": r["gaussians_file"]} if "gaussians_file" in r else {}))
             for p, t, b, a, n, r in zip(prompts, targets, cd_before, cd_after, nearest, after, strict=True)
         ],
         seconds=dict(startup=ready - start, base=built - ready, training=trained - built, meshes=done - trained, total=done - start),

@@ -38,8 +38,10 @@ def save_turntable_image(mesh, out_path: Path, frames: int, size: int = 128) -> 
 def generate_and_measure(
     weights: Path, base: str, prompts: list[str], target_points: list[torch.Tensor], out_dir: Path, args, turntables: bool
 ) -> list[dict]:
-    """Generate each prompt's mesh with the student saved in `weights` (prompt i: noise seed + i) and
-    measure the exported file: `chamfer` to every target (`target_points[j]`, `[N, 3]`), `nearest` target."""
+    """Generate each prompt's object with the student saved in `weights` (prompt i: noise seed + i) and measure
+    the exported file: `chamfer` to every target (`target_points[j]`, `[N, 3]`), `nearest` target, and what was
+    `measured`: "mesh" (points sampled on the GLB) or, for a student with Gaussians, "gaussian centres" (the
+    centres in its 3DGS PLY)."""
     from lightning_modules.evaluation.meshes import load_mesh
     from lightning_modules.student import TriplaneStudent
     from lightning_modules.student.generation import generate_meshes
@@ -50,7 +52,14 @@ def generate_and_measure(
     for index, record in enumerate(records):
         path = out_dir / record["file"]
         mesh = load_mesh(path)  # the exported file, back in the world frame
-        points = sample_mesh_surface(torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces), args.num_points, seed=1)
+        if "gaussians_file" in record:
+            from renderers.gaussian_ply import read_gaussian_ply
+
+            points = read_gaussian_ply(out_dir / record["gaussians_file"]).means[0].float()  # [N, 3]
+            record["measured"] = "gaussian centres"
+        else:
+            points = sample_mesh_surface(torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces), args.num_points, seed=1)
+            record["measured"] = "mesh"
         distances = [float(chamfer_distance(points, target)) for target in target_points]
         record["chamfer"] = distances[index]
         record["nearest"] = int(np.argmin(distances))  # whether the shapes are told apart

@@ -47,6 +47,9 @@ class StudentConfig:
     isosurface_resolution: int = 160
     # The student class (import path); None: TriplaneStudent. A subclass brings another representation.
     student_class: str | None = None
+    # Settings of that representation (a plain dict the subclass reads, e.g. TriplaneGaussianStudent's
+    # {num_gaussians: 32768, sh_degree: 0}); None: its defaults. Written to config.json with the class.
+    representation: dict[str, Any] | None = None
 
     # Reference values that this implementation supports (anything else is an error, not silently ignored).
     _FIXED = {
@@ -67,6 +70,8 @@ class StudentConfig:
     def __post_init__(self):
         if self.student_class is not None and not isinstance(self.student_class, str):
             raise StudentWeightsError(f"student_class must be an import path such as 'my_pkg.MyStudent', got {self.student_class!r}")
+        if self.representation is not None and not isinstance(self.representation, dict):
+            raise StudentWeightsError(f"representation must be a mapping of settings, got {self.representation!r}")
         if self.output_dim < 2 or (self.field_config.split_channels == "v1" and self.output_dim % 2):
             raise StudentWeightsError(f"output_dim must be even and >= 2, got {self.output_dim}")
 
@@ -83,6 +88,7 @@ class StudentConfig:
             "sdf_bias_params", "rotate_planes", "split_channels", "geo_interpolate", "tex_interpolate",
             "n_feature_dims", "sample_scheduler", "mlp_network_config", "space_generator_config",
             "isosurface_deformable_grid", "isosurface_resolution", "color_activation", "student_class",
+            "representation",
         }  # fmt: skip
         unknown = sorted(set(data) - known)
         if unknown:
@@ -143,6 +149,7 @@ class StudentConfig:
             num_inference_steps=int(data.get("num_inference_steps", defaults.num_inference_steps)),
             isosurface_resolution=int(data.get("isosurface_resolution", defaults.isosurface_resolution)),
             student_class=data.get("student_class"),
+            representation=dict(data["representation"]) if isinstance(data.get("representation"), dict) else data.get("representation"),
         )
 
     @classmethod
@@ -196,7 +203,9 @@ class StudentConfig:
             "isosurface_deformable_grid": self.deformable_grid,
             "isosurface_resolution": self.isosurface_resolution,
             "color_activation": "sigmoid-mipnerf",
-        } | ({"student_class": self.student_class} if self.student_class is not None else {})
+        } | ({"student_class": self.student_class} if self.student_class is not None else {}) | (
+            {"representation": dict(self.representation)} if self.representation is not None else {}
+        )
 
     def to_json(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,20 +1,25 @@
-"""Prompts -> coloured mesh files with a trained TriplaneTurbo student (the library behind `prd generate`).
+"""Prompts -> objects in memory, and their files, with a trained TriplaneTurbo student (the library behind
+`prd generate`, `prd serve` and `prd eval --weights`).
 
-    records = generate_meshes(student, ["a wooden chair"], "meshes/", seed=0, file_format="glb")
+    output = generate(student, ["a wooden chair"], seed=0)      # in memory, writes nothing (as diffusers' pipelines)
+    output.objects[0].mesh, .vertex_colors, .field, .gaussians  # world frame; Gaussians for a Gaussian student
+    records = export_generation(output, "meshes/", file_format="glb")                       # only this writes
+    records = generate_meshes(student, ["a wooden chair"], "meshes/", seed=0, file_format="glb")  # both, in batches
     records = generate_meshes(student, prompts, "assets/", asset=AssetSettings(faces=20_000))  # game-ready
+
+Callers that batch differently (`prd serve`) use the halves: `sample_fields(student, prompts, seeds)` runs the
+networks for B prompts at once and returns the batched field; `export_object(mesh, object_field(field, i), path,
+...)` writes one object's file.
 
 `asset` (`renderers.asset`): the mesh is decimated to a face budget, unwrapped, and albedo and normal maps
 are baked from the field into a PBR GLB (or OBJ / MTL); `faces` alone decimates a vertex-colour (or
 `uv_texture`) export. Either way the record gets the Chamfer / Hausdorff distance to the full mesh.
 
-Its two halves serve callers that batch differently (`prd serve`): `sample_fields(student, prompts, seeds)` runs
-the networks for B prompts at once and returns the batched field; `export_object(mesh, object_field(field, i),
-path, ...)` writes one object's file.
-
 Object i of a run is drawn from noise seeded with `seed + i`, so a mesh does not depend on the batch
 size or on the other prompts. Each record names the prompt, its seed, the file written and the mesh
-sizes; `StageTimer` collects the seconds per stage (text encoding, denoising, triplane decoding, mesh
-extraction, export). The command line (`prd generate`) is `lightning_modules.cli.generate`.
+sizes (a student with Gaussians also writes `<name>_gaussians.ply`, the 3DGS PLY, beside the mesh);
+`StageTimer` collects the seconds per stage (text encoding, denoising, triplane decoding, mesh extraction,
+gaussians, export). The command line (`prd generate`) is `lightning_modules.cli.generate`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from renderers.errors import UserError
 from renderers.export import export_mesh
 from renderers.marching_cubes import EmptySurfaceError, extract_mesh
 
-STAGES = ("text encoding", "denoising", "triplane decoding", "mesh extraction", "export")
+STAGES = ("text encoding", "denoising", "triplane decoding", "mesh extraction", "gaussians", "export")
+OPTIONAL_STAGES = ("gaussians",)  # in the table only when it took place
 MAX_PROMPT_CHARS = 1000
 
 
@@ -69,7 +75,8 @@ class StageTimer:
 
     def table(self, num_meshes: int) -> str:
         rows = [f"{'stage':<20}{'total s':>10}{'per mesh s':>12}"]
-        for stage in (*STAGES, "total"):
+        shown = [s for s in STAGES if s not in OPTIONAL_STAGES or s in self.seconds]
+        for stage in (*shown, "total"):
             sec = self.total if stage == "total" else self.seconds.get(stage, 0.0)
             rows.append(f"{stage:<20}{sec:>10.3f}{sec / max(num_meshes, 1):>12.3f}")
         return "\n".join(rows)
@@ -137,9 +144,12 @@ class _ObjectOfBatch:
 
 
 def object_field(field, index: int):
-    """The sub-field of object `index` of a batched TriplaneField (of another representation's field: a view)."""
+    """The sub-field of object `index` of a batched field: its own `select(index)` when it has one, the planes of
+    a TriplaneField, else a view (`_ObjectOfBatch`)."""
     from lightning_modules.student.triplane_field import TriplaneField
 
+    if callable(getattr(field, "select", None)):
+        return field.select(index)
     if not isinstance(field, TriplaneField):
         return _ObjectOfBatch(field, index)
     return TriplaneField(
@@ -149,6 +159,43 @@ def object_field(field, index: int):
         field.deformation_network,
         field.config,
     )
+
+
+@dataclass
+class GeneratedObject:
+    """One prompt's object, in memory (world frame of renderers/types.py).
+
+    field: the object's own field (B = 1): SDF, colour, ...; mesh: its marching-cubes `TriangleMesh`;
+    vertex_colors: `[V, 3]` colours of the mesh's vertices (None when not asked for); gaussians: its
+    `renderers.gaussians.Gaussians` (B = 1) when the student's representation has them (`field.gaussians()`).
+    """
+
+    index: int
+    prompt: str
+    seed: int
+    field: object
+    mesh: object
+    vertex_colors: torch.Tensor | None = None
+    gaussians: object | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """What `generate` returns: one `GeneratedObject` per prompt, in order, the seconds per stage, and the
+    student's device and dtype (where the fields are evaluated)."""
+
+    objects: list[GeneratedObject]
+    timings: dict[str, float]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def meshes(self) -> list:
+        return [o.mesh for o in self.objects]
+
+    @property
+    def gaussians(self) -> list:
+        return [o.gaussians for o in self.objects]
 
 
 @torch.no_grad()
@@ -170,6 +217,88 @@ def sample_fields(student, prompts: list[str], seeds: list[int], timer: StageTim
 
 
 @torch.no_grad()
+def generate(
+    student,
+    prompts: list[str],
+    seed: int = 0,
+    resolution: int = 160,
+    batch_size: int = 4,
+    empty_surface: str = "unit_sphere",
+    vertex_colors: bool = True,
+    first_index: int = 0,
+    timer: StageTimer | None = None,
+) -> GenerationOutput:
+    """Prompts -> objects in memory; writes nothing (`export_generation` writes them).
+
+    Object i (`first_index + i`) is drawn from noise `student.make_noise(1, seed=seed + i)`, so it does not
+    depend on the batch. Every object gets its marching-cubes mesh (`resolution`^3 grid; `empty_surface`:
+    "unit_sphere" as the released pipeline, or "error") with its vertex colours, and its Gaussians when the
+    student's field offers `gaussians()` (`TriplaneGaussianStudent`). `timer` collects the seconds per stage
+    (text encoding, denoising, triplane decoding, mesh extraction, gaussians); the output holds them.
+    """
+    prompts = validate_prompts(list(prompts))
+    timer = timer if timer is not None else StageTimer()
+    device = student.device
+    objects: list[GeneratedObject] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        field_batch = sample_fields(student, batch, [seed + start + i for i in range(len(batch))], timer)
+        with timer("mesh extraction", device):
+            try:
+                meshes = extract_mesh(field_batch, resolution=resolution, empty_fallback=empty_surface)
+            except EmptySurfaceError as err:
+                raise UserError(f"{err} (prompts {first_index + start + 1}-{first_index + start + len(batch)})") from None
+            fields = [object_field(field_batch, i) for i in range(len(batch))]
+            colors = [
+                obj.color(m.vertices[None].to(device, student.dtype))[0] if vertex_colors else None
+                for obj, m in zip(fields, meshes, strict=True)
+            ]
+        splats = [None] * len(batch)
+        if callable(getattr(field_batch, "gaussians", None)):
+            with timer("gaussians", device):
+                gaussians = field_batch.gaussians()
+                splats = [gaussians.select(i) for i in range(len(batch))]
+        for i, prompt in enumerate(batch):
+            index = first_index + start + i
+            objects.append(GeneratedObject(index, prompt, seed + start + i, fields[i], meshes[i], colors[i], splats[i]))
+    return GenerationOutput(objects, dict(timer.seconds), device, student.dtype)
+
+
+def export_generation(
+    output: GenerationOutput,
+    out_dir: str | Path,
+    file_format: str = "glb",
+    uv_texture: bool = False,
+    texture_size: int = 1024,
+    material: str = "pbr",
+    faces: int | None = None,
+    asset: AssetSettings | None = None,
+    timer: StageTimer | None = None,
+) -> list[dict]:
+    """Write every object of `output` into `out_dir` (which exists): its mesh as `NNNN_<slug>.<file_format>`
+    and, when it has Gaussians, the 3DGS PLY `NNNN_<slug>_gaussians.ply`; one manifest record per object."""
+    out_dir = Path(out_dir)
+    timer = timer if timer is not None else StageTimer()
+    records = []
+    device, dtype = output.device, output.dtype
+    for obj in output.objects:
+        stem = f"{obj.index:04d}_{slugify(obj.prompt)}"
+        record = dict(index=obj.index, prompt=obj.prompt, seed=obj.seed)
+        record.update(export_object(obj.mesh, obj.field, out_dir / f"{stem}.{file_format}", rgb=obj.vertex_colors,
+                                    device=device, dtype=dtype, timer=timer, file_format=file_format, faces=faces,
+                                    asset=asset, uv_texture=uv_texture, texture_size=texture_size, material=material))
+        if obj.gaussians is not None:
+            from renderers.gaussian_ply import write_gaussian_ply
+
+            with timer("export", device):
+                splat_path = out_dir / f"{stem}_gaussians.ply"
+                write_gaussian_ply(splat_path, obj.gaussians)
+            record.update(gaussians_file=splat_path.name, gaussians=obj.gaussians.num_gaussians,
+                          sh_degree=obj.gaussians.sh_degree)
+        records.append(record)
+    return records
+
+
 def generate_meshes(
     student,
     prompts: list[str],
@@ -187,7 +316,8 @@ def generate_meshes(
     faces: int | None = None,
     asset: AssetSettings | bool | None = None,
 ) -> list[dict]:
-    """Generate one mesh per prompt into `out_dir`; returns one manifest record per prompt.
+    """`generate` then `export_generation`, `batch_size` prompts at a time, into `out_dir`; one manifest record
+    per prompt (the Gaussian PLY's too, for a student with Gaussians).
 
     Prompt i uses noise `student.make_noise(1, seed=seed + i)`. `empty_surface` is the marching-cubes
     fallback when an SDF has no zero crossing ("unit_sphere" as the released pipeline, or "error").
@@ -206,24 +336,14 @@ def generate_meshes(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = timer if timer is not None else StageTimer()
-    device = student.device
     records: list[dict] = []
     bar = tqdm(total=len(prompts), desc="generating", unit="mesh", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        field_batch = sample_fields(student, batch, [seed + start + i for i in range(len(batch))], timer)
-        with timer("mesh extraction", device):
-            try:
-                meshes = extract_mesh(field_batch, resolution=resolution, empty_fallback=empty_surface)
-            except EmptySurfaceError as err:
-                raise UserError(f"{err} (prompts {start + 1}-{start + len(batch)})") from None
-        for i, (prompt, mesh) in enumerate(zip(batch, meshes, strict=True)):
-            index = start + i
-            path = out_dir / f"{index:04d}_{slugify(prompt)}.{file_format}"
-            record = export_object(mesh, object_field(field_batch, i), path, timer=timer, device=device,
-                                   dtype=student.dtype, file_format=file_format, faces=faces, asset=asset,
-                                   uv_texture=uv_texture, texture_size=texture_size, material=material)
-            records.append(dict(index=index, prompt=prompt, seed=seed + index, **record))
+        output = generate(student, batch, seed=seed + start, resolution=resolution, batch_size=batch_size,
+                          empty_surface=empty_surface, vertex_colors=asset is None, first_index=start, timer=timer)
+        records += export_generation(output, out_dir, file_format=file_format, uv_texture=uv_texture,
+                                     texture_size=texture_size, material=material, faces=faces, asset=asset, timer=timer)
         bar.update(len(batch))
     bar.close()
     return records
@@ -243,16 +363,18 @@ def export_object(
     uv_texture: bool = False,
     texture_size: int = 1024,
     material: str = "pbr",
+    rgb: torch.Tensor | None = None,
 ) -> dict:
     """The file of one object at `path`, as `generate_meshes` writes it: its marching-cubes `mesh` and its field
     `obj` (`object_field(field, i)`, batch size 1, evaluated on `device` in `dtype`). Returns the record (file,
     vertices, faces, empty_surface_fallback; "asset", or the distances when decimated). Vertex colours are
-    timed as "mesh extraction", the file as "export"."""
+    timed as "mesh extraction" (unless given as `rgb` `[V, 3]`), the file as "export"."""
     timer = timer if timer is not None else StageTimer()
     device = torch.device(device)
     with torch.no_grad():
         with timer("mesh extraction", device):  # vertex colours (an asset bakes its maps instead)
-            rgb = None if asset is not None else obj.color(mesh.vertices[None].to(device, dtype))[0]
+            if asset is None and rgb is None:
+                rgb = obj.color(mesh.vertices[None].to(device, dtype))[0]
         with timer("export", device):
             if asset is not None:
                 record = _write_asset(Path(path), mesh, obj, asset, file_format, device, dtype)

@@ -134,6 +134,7 @@ _FLAT_KEYS = {
     "deformable_grid",
     "isosurface_resolution",
     "student_class",
+    "representation",
 }
 
 
@@ -163,7 +164,8 @@ def resolve_student_config(spec: dict | str | os.PathLike | StudentConfig | None
     ranks (int or {self_attn, cross_attn, locon}), output_dim, mlp_neurons, mlp_hidden_layers,
     latent_size (both sides) / latent_height / latent_width, latent_channels, num_inference_steps,
     n_feature_dims, deformable_grid, isosurface_resolution, student_class (the import path of a
-    `TriplaneStudent` subclass that brings another representation).
+    `TriplaneStudent` subclass that brings another representation) and representation (that subclass's
+    settings, a mapping).
     """
     if spec is None or isinstance(spec, StudentConfig):
         return spec
@@ -191,7 +193,7 @@ def resolve_student_config(spec: dict | str | os.PathLike | StudentConfig | None
     if size is not None:
         kwargs["latent_height"] = kwargs["latent_width"] = int(size)
     for key, value in values.items():
-        if key == "student_class":
+        if key in ("student_class", "representation"):
             kwargs[key] = value
         else:
             kwargs[key] = bool(value) if key == "deformable_grid" else int(value)
