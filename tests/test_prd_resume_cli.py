@@ -138,12 +138,14 @@ def test_resumed_fit_refuses_structural_changes_and_takes_the_rest_from_the_chec
                          "0.25", "--model.init_args.optimizer.init_args.lr", "0.5"])  # fmt: skip
         assert code == 0 and len(calls) == 1, ckpt_path
         model, passed = calls[0]
-        assert model.gradient_clip_val == 1.0 and model.hparams["optimizer"]["init_args"]["lr"] == 3e-3
+        config_lr = hparams["optimizer"]["init_args"]["lr"]  # the shipped config's, kept by the checkpoint
+        assert config_lr != 0.5
+        assert model.gradient_clip_val == 1.0 and model.hparams["optimizer"]["init_args"]["lr"] == config_lr
         assert passed == ckpt_path
         notices = [m for m in caplog.messages if m.startswith("resume: ")]
         assert notices == [
             "resume: model.gradient_clip_val = 1.0 from the checkpoint (this run's config: 0.25)",
-            "resume: model.optimizer.init_args.lr = 0.003 from the checkpoint (this run's config: 0.5)",
+            f"resume: model.optimizer.init_args.lr = {config_lr} from the checkpoint (this run's config: 0.5)",
         ], (ckpt_path, notices)
 
 
