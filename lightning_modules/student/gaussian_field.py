@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from lightning_modules.student.config import StudentWeightsError
 from lightning_modules.student.triplane_field import TriplaneField, color_activation
 from lightning_modules.student.triplane_student import TriplaneStudent
+from renderers.gaussians import quaternion_multiply
 
 SH_C0 = 0.28209479177387814  # the degree-0 real spherical harmonic, 1 / (2 sqrt(pi))
 GEOMETRY_OUTPUTS = 8  # opacity 1, scales 3, rotation 4
@@ -140,21 +141,6 @@ def sample_surface(vertices: Tensor, faces: Tensor, count: int, generator: torch
     root = u.sqrt()  # (1 - sqrt(u), sqrt(u)(1 - w), sqrt(u) w): uniform barycentric coordinates
     points = (1 - root)[:, None] * a[face] + (root * (1 - w))[:, None] * b[face] + (root * w)[:, None] * c[face]
     return points, total
-
-
-def quaternion_multiply(p: Tensor, q: Tensor) -> Tensor:
-    """Hamilton product `[..., 4]` of (w, x, y, z) quaternions: the rotation q, then p."""
-    pw, px, py, pz = p.unbind(-1)
-    qw, qx, qy, qz = q.unbind(-1)
-    return torch.stack(
-        [
-            pw * qw - px * qx - py * qy - pz * qz,
-            pw * qx + px * qw + py * qz - pz * qy,
-            pw * qy - px * qz + py * qw + pz * qx,
-            pw * qz + px * qy - py * qx + pz * qw,
-        ],
-        dim=-1,
-    )
 
 
 def z_to_direction(normals: Tensor) -> Tensor:
