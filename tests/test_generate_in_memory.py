@@ -78,7 +78,7 @@ def gaussian_student(tiny_sd_dir, tmp_path_factory):
 
 def test_a_gaussian_student_generates_gaussians_and_prd_generate_writes_ply_and_glb(gaussian_student, tiny_sd_dir, tmp_path,
                                                                                    capsys):
-    ply = pytest.importorskip("renderers.gaussian_ply", reason="the Gaussian PLY format (branch gs-render) is not merged yet")
+    import renderers.gaussian_ply as ply
     student, weights = gaussian_student
     output = generate(student, PROMPTS[:2], seed=3, resolution=16, batch_size=2)
     assert "gaussians" in output.timings
