@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lightning_modules.evaluation.meshes import box_fit
 from renderers.gaussian_ply import GaussianPlyError, is_gaussian_ply, read_gaussian_ply
 from renderers.gaussians import Gaussians
 
@@ -38,13 +39,9 @@ def normalize_gaussians(gaussians: Gaussians, mode: str = "box", bound: float = 
     """"box": the visible centres' bounding box centred, its longest side scaled to 2 * bound; "none": as is."""
     if mode == "none":
         return gaussians
-    if mode != "box":
-        raise ValueError(f"normalize must be 'box' or 'none', got {mode!r}")
     visible = gaussians.means[0][gaussians.opacities[0] >= VISIBLE_OPACITY]  # [M, 3]
-    low, high = visible.amin(dim=0), visible.amax(dim=0)
-    extent = float((high - low).max())
-    scale = 2.0 * bound / extent if extent > 0 else 1.0
-    return gaussians.transformed(scale=scale, offset=-(low + high) / 2 * scale)
+    centre, scale = box_fit(visible.amin(dim=0), visible.amax(dim=0), mode, bound)
+    return gaussians.transformed(scale=scale, offset=-centre * scale)
 
 
 def render_gaussian_views(gaussians: Gaussians, cameras, backend: str = "auto") -> Tensor:

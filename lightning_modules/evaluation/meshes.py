@@ -265,14 +265,22 @@ def load_mesh(path: str | Path, mesh_frame: str = "viewer") -> MeshData:
     return mesh
 
 
-def normalize_mesh(mesh: MeshData, mode: str = "box", bound: float = 0.9) -> MeshData:
-    """"box": centre the bounding box and scale its longest side to 2 * bound; "none": unchanged."""
+def box_fit(low, high, mode: str = "box", bound: float = 0.9):
+    """(centre, scale) that put the box [low, high] (arrays or tensors `[3]`) at the origin with its longest side
+    2 * bound ("box"), or None ("none": leave the object as it is). The normalisation of meshes and Gaussians."""
     if mode == "none":
-        return mesh
+        return None
     if mode != "box":
         raise ValueError(f"normalize must be 'box' or 'none', got {mode!r}")
-    low, high = mesh.vertices.min(axis=0), mesh.vertices.max(axis=0)
     extent = float((high - low).max())
-    scale = 2.0 * bound / extent if extent > 0 else 1.0
-    vertices = (mesh.vertices - (low + high) / 2) * scale
+    return (low + high) / 2, (2.0 * bound / extent if extent > 0 else 1.0)
+
+
+def normalize_mesh(mesh: MeshData, mode: str = "box", bound: float = 0.9) -> MeshData:
+    """"box": centre the bounding box and scale its longest side to 2 * bound; "none": unchanged."""
+    fit = box_fit(mesh.vertices.min(axis=0), mesh.vertices.max(axis=0), mode, bound)
+    if fit is None:
+        return mesh
+    centre, scale = fit
+    vertices = (mesh.vertices - centre) * scale
     return replace(mesh, vertices=vertices.astype(np.float32))
