@@ -262,6 +262,9 @@ class DeformableMarchingCubes(nn.Module):
         extractor: the topology's: "torch" (renderers/marching_cubes_torch.py, vectorised on the SDF's device,
             CUDA included; PyMCubes' table, so the same mesh), "mcubes" (PyMCubes, CPU) or "skimage"
             (scikit-image, CPU).
+        coarse_to_fine: read the grid through the field's `grid_sdf` when it has one (`TriplaneField`: exact
+            values only in a shell around the surface, the sign proven elsewhere; the same mesh as the dense grid,
+            about 10x fewer MLP evaluations at 160^3); False evaluates every grid vertex.
 
     `forward(field, batch_size)` returns one `TriangleMesh` per object (a list of length B).
     """
@@ -276,6 +279,7 @@ class DeformableMarchingCubes(nn.Module):
         empty_fallback: EmptyFallback = "center_border",
         chunk_size: int = 2**18,
         extractor: Literal["torch", "mcubes", "skimage"] = "torch",
+        coarse_to_fine: bool = True,
     ) -> None:
         super().__init__()
         if resolution < 4:
@@ -294,6 +298,7 @@ class DeformableMarchingCubes(nn.Module):
         self.empty_fallback = empty_fallback
         self.chunk_size = int(chunk_size)
         self.extractor = extractor
+        self.coarse_to_fine = bool(coarse_to_fine)
 
     @property
     def grid_spacing(self) -> float:
@@ -360,7 +365,7 @@ class DeformableMarchingCubes(nn.Module):
         device = torch.device(device) if device is not None else field_device
         dtype = dtype or field_dtype
         with torch.no_grad():
-            sdf_grid, _ = evaluate_field_on_grid(field, self.resolution, batch, self.chunk_size, False, device, dtype)
+            sdf_grid, exact = self._grid_sdf(field, batch, device, dtype)
         topologies, fallbacks = self._topologies(sdf_grid)
 
         # Grid vertices at the ends of crossed edges, per object, padded to a common length.
@@ -381,7 +386,7 @@ class DeformableMarchingCubes(nn.Module):
             if torch.is_grad_enabled():
                 sdf_ends = evaluate_points(field.sdf, points, self.chunk_size)
             else:
-                sdf_ends = torch.gather(sdf_grid, 1, gather)
+                sdf_ends = self._values_at(field, sdf_grid, exact, gather)
             deform_ends = evaluate_points(field.deformation, points, self.chunk_size) if self.use_deformation else None
         return [
             self._assemble(
@@ -424,6 +429,41 @@ class DeformableMarchingCubes(nn.Module):
         return meshes
 
     # ------------------------------------------------------------------ internals
+    def _grid_sdf(self, field: Field, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """SDF `[B, R^3]` on the grid (no gradient) and the mask `[B, R^3]` of its exact values (None: all exact).
+
+        Coarse to fine when the field offers `grid_sdf` for this device and dtype; where an object then shows no
+        sign change, the whole grid is evaluated, since the empty-surface fallbacks read its true values."""
+        grid_sdf = getattr(field, "grid_sdf", None) if self.coarse_to_fine else None
+        if grid_sdf is not None:
+            grid = grid_sdf(self.resolution, device, dtype)
+            if grid is not None and grid.values.shape[0] == batch:
+                inside = grid.values < 0
+                if bool((inside.any(dim=1) & ~inside.all(dim=1)).all()):
+                    return grid.values, grid.exact
+        sdf_grid, _ = evaluate_field_on_grid(field, self.resolution, batch, self.chunk_size, False, device, dtype)
+        return sdf_grid, None
+
+    def _values_at(self, field: Field, sdf_grid: Tensor, exact: Tensor | None, gather: Tensor) -> Tensor:
+        """Exact SDF values `[B, n]` at the grid vertices `gather [B, n]`: from the grid where it holds them, by
+        evaluating the field at the others (ends of crossed edges just outside the coarse-to-fine shell)."""
+        values = torch.gather(sdf_grid, 1, gather)
+        if exact is None:
+            return values
+        missing = ~torch.gather(exact, 1, gather)  # [B, n]
+        if not bool(missing.any()):
+            return values
+        counts = missing.sum(dim=1)
+        width = int(counts.max())
+        index = torch.zeros((gather.shape[0], width), dtype=torch.long, device=gather.device)
+        for b in range(gather.shape[0]):
+            index[b, : int(counts[b])] = gather[b][missing[b]]
+        points = self.grid_points(gather.device, sdf_grid.dtype)[index]  # [B, width, 3]
+        evaluated = evaluate_points(field.sdf, points, self.chunk_size)
+        for b in range(gather.shape[0]):
+            values[b][missing[b]] = evaluated[b, : int(counts[b])]
+        return values
+
     @staticmethod
     def _field_device_dtype(field: Field) -> tuple[torch.device, torch.dtype]:
         """Device and dtype of the field's first floating tensor (nn.Module), else its `device` / `dtype`
@@ -490,6 +530,7 @@ def extract_mesh(
     empty_fallback: EmptyFallback = "unit_sphere",
     chunk_size: int = 2**18,
     use_deformation: bool = True,
+    coarse_to_fine: bool = True,
 ) -> list[TriangleMesh]:
     """Export-time extraction (no gradient): one `TriangleMesh` per object, defaults of the released
     inference pipeline (160^3 grid, unit-sphere fallback; pass empty_fallback="error" to raise instead)."""
@@ -498,6 +539,7 @@ def extract_mesh(
         use_deformation=use_deformation,
         empty_fallback=empty_fallback,
         chunk_size=chunk_size,
+        coarse_to_fine=coarse_to_fine,
     )
     with torch.no_grad():
         return [mesh.detach() for mesh in marching_cubes(field, batch_size)]

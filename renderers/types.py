@@ -34,7 +34,11 @@ class Field(Protocol):
     - `sdf_and_deformation(points)`: both from one lookup of shared geometry features; marching cubes
       calls it instead of `sdf` + `deformation` at every training render (about 2x faster there);
     - `device` / `dtype` attributes, or being an `nn.Module` with parameters: where evaluation grids are
-      built (default: CPU, float32).
+      built (default: CPU, float32);
+    - `grid_sdf(resolution, device, dtype) -> GridSDF | None`: the SDF on marching cubes' R^3 grid, exact only where it must
+      be (near the surface) and of the right sign everywhere, or None where the field can't bound itself;
+      marching cubes uses it when `coarse_to_fine` is on (`TriplaneField`: interval bounds, about 10x less
+      work at 160^3).
 
     Normals are not part of the protocol: the volume renderer takes them from the SDF by autograd and the
     mesh renderer from the extracted mesh.
@@ -57,6 +61,18 @@ class Field(Protocol):
     def color(self, points: Tensor) -> Tensor:
         """RGB `[B, N, 3]` in [0, 1]."""
         ...
+
+
+@dataclass
+class GridSDF:
+    """The SDF of B objects on an R^3 grid as far as marching cubes needs it.
+
+    values: [B, R^3] exact where `exact` is True; elsewhere a value of the right sign (< 0 inside).
+    exact:  [B, R^3] bool.
+    """
+
+    values: Tensor
+    exact: Tensor
 
 
 @runtime_checkable

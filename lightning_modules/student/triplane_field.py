@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from renderers.types import GridSDF
+
 GEOMETRY_PLANES = slice(0, 3)
 TEXTURE_PLANES = slice(3, 6)
 
@@ -290,6 +292,18 @@ class TriplaneField:
         if self.deformation_network is None:
             return sdf, torch.zeros_like(points)
         return sdf, self.deformation_network(geo)
+
+    def grid_sdf(self, resolution: int, device: torch.device, dtype: torch.dtype) -> GridSDF | None:
+        """The SDF `[B, R^3]` on marching cubes' R^3 grid, coarse to fine (`triplane_grid`): exact values in the
+        blocks whose interval bound contains zero, the sign elsewhere. None when the grid is wanted on another
+        device or dtype than the planes', or the MLP or dtype can't be bounded (then marching cubes evaluates
+        every grid vertex)."""
+        from lightning_modules.student.triplane_grid import TriplaneGridSDF, supports_grid_bounds
+
+        if (torch.device(device), dtype) != (self.planes.device, self.planes.dtype) or not supports_grid_bounds(self):
+            return None
+        parts = [TriplaneGridSDF(self, index, resolution).evaluate() for index in range(self.batch_size)]
+        return GridSDF(torch.cat([p.values for p in parts]), torch.cat([p.exact for p in parts]))
 
     def features(self, points: Tensor) -> Tensor:
         """Raw colour MLP output `[B, N, 3]` (before the activation)."""
