@@ -72,6 +72,16 @@ def test_only_a_shell_around_the_surface_is_evaluated():
     assert torch.equal(grid.values < 0, dense < 0)
 
 
+def test_where_bounds_decide_nothing_every_vertex_is_evaluated():
+    field = _field(seed=1)
+    field.planes = field.planes * 10  # features dominate the prior: bounds too wide to decide a block
+    with torch.no_grad():
+        grid = field.grid_sdf(40, field.device, field.planes.dtype)
+        dense, _ = evaluate_field_on_grid(field, 40)
+    assert bool(grid.exact.all())
+    assert torch.equal(grid.values, dense)
+
+
 @pytest.mark.parametrize("smooth", [True, False])
 def test_block_bounds_hold_every_value_of_their_block(smooth):
     resolution = 40

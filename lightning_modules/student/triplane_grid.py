@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from renderers.types import GridSDF
 
 BLOCK_SIZES = (16, 8, 4, 2)  # block sides, coarse to fine: undecided blocks are split into the next size
+BOUND_COST = 3  # one block's bound costs about 3 vertex evaluations (centre and radius through the MLP)
 ROUNDING_MARGIN = 1e-4  # relative to the magnitude of each layer's terms; float32 dot products of 64 terms err < 1e-5
 
 
@@ -172,8 +173,9 @@ class TriplaneGridSDF:
         which has the right sign) and the mask `[1, R^3]` of exact ones.
 
         Blocks are refined coarse to fine: every block of the first size is bounded, only those whose bound
-        contains zero are split into the blocks of the next size, and so on; the vertices of the blocks still
-        undecided at the last size are evaluated.
+        contains zero are split into the blocks of the next size, and so on while that pays (`BOUND_COST`);
+        the vertices of the blocks still undecided at the end are evaluated (with loose bounds: all of them, from
+        the plane tables, which is still cheaper than sampling the planes at every vertex).
         """
         r, device = self.resolution, self.axis.device
         first = self.block_sizes[0]
@@ -186,6 +188,10 @@ class TriplaneGridSDF:
         values = nearest.expand(-1, first, -1, first, -1, first).reshape((nb * first,) * 3)[:r, :r, :r].contiguous()
         undecided = (lo < 0) & (hi >= 0)  # inside is sdf < 0, the marching cubes' sign convention
         for size in self.block_sizes[1:]:
+            # refine while the children's bounds (8 per block) are expected to save more vertex evaluations
+            # than they cost, taking the share this size decided as the share the next size will decide
+            if first**3 * (1 - float(undecided.float().mean())) <= 8 * BOUND_COST:
+                break
             factor = first // size
             blocks = (blocks[undecided][:, None] * factor + _cube_indices(factor, device)).reshape(-1, 3)
             blocks = blocks[(blocks * size < r).all(dim=1)]
