@@ -72,14 +72,15 @@ def test_only_a_shell_around_the_surface_is_evaluated():
     assert torch.equal(grid.values < 0, dense < 0)
 
 
-def test_where_bounds_decide_nothing_every_vertex_is_evaluated():
+def test_where_bounds_decide_little_the_grid_is_still_right():
     field = _field(seed=1)
-    field.planes = field.planes * 10  # features dominate the prior: bounds too wide to decide a block
+    field.planes = field.planes * 10  # features dominate the prior: bounds too wide to decide most blocks
     with torch.no_grad():
         grid = field.grid_sdf(40, field.device, field.planes.dtype)
         dense, _ = evaluate_field_on_grid(field, 40)
-    assert bool(grid.exact.all())
-    assert torch.equal(grid.values, dense)
+    assert grid.exact.float().mean() > 0.9  # nearly every vertex read from the plane tables
+    assert torch.equal(grid.values[grid.exact], dense[grid.exact])
+    assert torch.equal(grid.values < 0, dense < 0)
 
 
 @pytest.mark.parametrize("smooth", [True, False])

@@ -189,8 +189,11 @@ class TriplaneGridSDF:
         undecided = (lo < 0) & (hi >= 0)  # inside is sdf < 0, the marching cubes' sign convention
         for size in self.block_sizes[1:]:
             # refine while the children's bounds (8 per block) are expected to save more vertex evaluations
-            # than they cost, taking the share this size decided as the share the next size will decide
-            if first**3 * (1 - float(undecided.float().mean())) <= 8 * BOUND_COST:
+            # than they cost: finer bounds decide more (the bounds' slack shrinks with the block), so the share
+            # this size decided is a pessimistic guess; blocks of side >= 8 are always refined (their children
+            # cost < 5 % of the vertices they may save)
+            decided = 1 - float(undecided.float().mean())
+            if first**3 * (max(decided, 0.5) if first >= 8 else decided) <= 8 * BOUND_COST:
                 break
             factor = first // size
             blocks = (blocks[undecided][:, None] * factor + _cube_indices(factor, device)).reshape(-1, 3)
