@@ -114,6 +114,19 @@ def _mtl(material: str, texture_file: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+PNG_COMPRESS_LEVEL = 1  # zlib level of texture PNGs: 3-4x faster to encode than Pillow's 6, files ~15 % larger
+
+
+def texture_image(pixels: np.ndarray):
+    """A PIL image of `pixels [H, W, 3]` uint8 that every later `save` (ours, trimesh's GLB writer) encodes as PNG
+    at `PNG_COMPRESS_LEVEL`: Pillow merges an image's `encoderinfo` into the options of each save."""
+    from PIL import Image
+
+    image = Image.fromarray(pixels)
+    image.encoderinfo = {"compress_level": PNG_COMPRESS_LEVEL}
+    return image
+
+
 def _write_obj(path: Path, mesh: trimesh.Trimesh, material: str) -> None:
     """`<stem>.obj` with vertex normals and vertex colours, or with UVs, `<stem>.mtl` and `<stem>.png`.
 
@@ -191,7 +204,6 @@ def _bake_uv_texture(
     it the vertex colours are interpolated.
     """
     import xatlas
-    from PIL import Image
 
     from renderers.uv_bake import rasterize_uv
 
@@ -210,7 +222,7 @@ def _bake_uv_texture(
     image = np.zeros((texture_size, texture_size, 3), np.float64)
     image[covered] = texel_rgb
     image = _dilate(image, covered, iterations=4)
-    texture = Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)[::-1])
+    texture = texture_image(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)[::-1])
     visual = trimesh.visual.TextureVisuals(uv=uvs, material=_pbr_material(texture))
     textured = trimesh.Trimesh(vertices=positions, faces=indices.astype(np.int64), visual=visual, process=False)
     # normals of the unsplit mesh: the copies of a seam vertex keep one normal, so no shading seam
@@ -300,8 +312,6 @@ def write_textured_mesh(
     [T, T, 3] uint8 sRGB and normal_map [T, T, 3] uint8 tangent-space (linear), row 0 at v = 1.
     OBJ has no tangent attribute: viewers derive the frame from the UVs (MikkTSpace), close to ours.
     """
-    from PIL import Image
-
     path = Path(path)
     file_format = (file_format or path.suffix.lstrip(".") or "glb").lower()
     if file_format not in ("glb", "obj"):
@@ -312,8 +322,8 @@ def write_textured_mesh(
         path = path.with_suffix(f".{file_format}")
     path.parent.mkdir(parents=True, exist_ok=True)
     material = trimesh.visual.material.PBRMaterial(
-        name="material", baseColorTexture=Image.fromarray(albedo),
-        normalTexture=None if normal_map is None else Image.fromarray(normal_map),
+        name="material", baseColorTexture=texture_image(albedo),
+        normalTexture=None if normal_map is None else texture_image(normal_map),
         metallicFactor=0.0, roughnessFactor=float(roughness),
     )
     mesh = trimesh.Trimesh(

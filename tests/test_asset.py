@@ -15,11 +15,19 @@ from renderers.export import viewer_to_world
 from tests.asset_helpers import SphereField, icosphere
 
 
-def _image(gltf, texture_index):
+def _png_bytes(gltf, texture_index) -> bytes:
     image = gltf.images[gltf.textures[texture_index].source]
     view = gltf.bufferViews[image.bufferView]
-    data = gltf.binary_blob()[view.byteOffset or 0 : (view.byteOffset or 0) + view.byteLength]
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return gltf.binary_blob()[view.byteOffset or 0 : (view.byteOffset or 0) + view.byteLength]
+
+
+def _image(gltf, texture_index):
+    return np.asarray(Image.open(io.BytesIO(_png_bytes(gltf, texture_index))).convert("RGB"))
+
+
+def _zlib_level(png: bytes) -> int:
+    """FLEVEL of the zlib stream of a PNG's first IDAT chunk: 0 fastest (zlib level 0-1), 2 default (6)."""
+    return png[png.index(b"IDAT") + 5] >> 6
 
 
 def _accessor(gltf, index):
@@ -48,6 +56,9 @@ def test_glb_round_trip_keeps_both_maps_tangents_and_the_material(tmp_path):
     assert pbr.metallicFactor == 0 and pbr.roughnessFactor == pytest.approx(0.6)
     np.testing.assert_array_equal(_image(gltf, pbr.baseColorTexture.index), asset.maps.albedo)
     np.testing.assert_array_equal(_image(gltf, material.normalTexture.index), asset.maps.normal)
+    # both maps encoded at zlib level 1 (export.PNG_COMPRESS_LEVEL), through trimesh's GLB writer
+    assert _zlib_level(_png_bytes(gltf, pbr.baseColorTexture.index)) == 0
+    assert _zlib_level(_png_bytes(gltf, material.normalTexture.index)) == 0
     attributes = primitive.attributes
     positions = _accessor(gltf, attributes.POSITION)
     np.testing.assert_allclose(viewer_to_world(positions.astype(np.float64)), asset.vertices, atol=1e-6)
@@ -72,6 +83,7 @@ def test_obj_gets_the_same_maps(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ball.png").convert("RGB")), asset.maps.albedo)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ball_normal.png").convert("RGB")),
                                   asset.maps.normal)
+    assert _zlib_level((tmp_path / "ball.png").read_bytes()) == _zlib_level((tmp_path / "ball_normal.png").read_bytes()) == 0
     loaded = trimesh.load(path, process=False)
     assert len(loaded.faces) == len(asset.faces)
 
