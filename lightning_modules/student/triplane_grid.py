@@ -80,7 +80,7 @@ class TriplaneGridSDF:
         a, b, c = xy.index_select(0, i * r + j), xz.index_select(0, i * r + k), yz.index_select(0, k * r + j)
         return a + b + c if self.mode == "v1" else torch.cat([a, b, c], dim=1)
 
-    def sdf_at(self, flat: Tensor, chunk_size: int = 2**18) -> Tensor:
+    def sdf_at(self, flat: Tensor, chunk_size: int = 2**15) -> Tensor:
         """Exact SDF `[n]` at flat grid indices `flat [n]` (x slowest, z fastest): `TriplaneField.sdf`'s
         arithmetic (feature sum, MLP, prior)."""
         r = self.resolution
