@@ -199,8 +199,9 @@ class TriplaneGridSDF:
             blocks = (blocks[undecided][:, None] * factor + _cube_indices(factor, device)).reshape(-1, 3)
             blocks = blocks[(blocks * size < r).all(dim=1)]
             lo, hi = self.block_bounds(blocks, size)
-            _fill_blocks(values, blocks, size, torch.where(hi < 0, hi, lo))
             undecided = (lo < 0) & (hi >= 0)
+            # the undecided children keep their parent's bound until a finer size or the evaluation replaces it
+            _fill_blocks(values, blocks[~undecided], size, torch.where(hi < 0, hi, lo)[~undecided])
             first = size
         flat = _block_vertices(blocks[undecided], first, r)
         values = values.reshape(-1)
