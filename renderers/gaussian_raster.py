@@ -53,6 +53,8 @@ class ProjectedGaussians:
     depths: Tensor  # [B, V, N] camera-space z (distance along the optical axis)
     conics: Tensor  # [B, V, N, 3] (a, b, c) of the inverse 2D covariance [[a, b], [b, c]]
     radii: Tensor  # [B, V, N, 2] int64 extent in pixels along x and y, 0 when culled
+    # [B, V, N] opacity factor of the antialiased (Mip-Splatting) mode, None in the classic one
+    compensations: Tensor | None = None
 
 
 def project_gaussians(
@@ -66,8 +68,12 @@ def project_gaussians(
     near: float,
     far: float,
     eps2d: float = EPS2D,
+    antialiased: bool = False,
 ) -> ProjectedGaussians:
     """EWA projection (see the module docstring).
+
+    antialiased: also return `compensations` = sqrt(det(Sigma2D - eps2d I) / det(Sigma2D)), the opacity factor
+    of Mip-Splatting's 2D filter (Yu et al., CVPR 2024; gsplat's rasterize_mode="antialiased").
 
     means [B, N, 3], covariances [B, N, 3, 3] (world), opacities [B, N]; viewmats [B, V, 4, 4] OpenCV
     world-to-camera; intrinsics [B, V, 3, 3] pixels (renderers.cameras.intrinsics_matrix).
@@ -89,6 +95,10 @@ def project_gaussians(
     cov2d = jacobian @ cov_cam @ jacobian.transpose(-1, -2)
     a, b, c = cov2d[..., 0, 0] + eps2d, cov2d[..., 0, 1], cov2d[..., 1, 1] + eps2d
     det = a * c - b * b
+    compensations = None
+    if antialiased:
+        det_unfiltered = cov2d[..., 0, 0] * cov2d[..., 1, 1] - b * b
+        compensations = torch.sqrt((det_unfiltered / torch.where(det > 0, det, torch.ones_like(det))).clamp_min(1e-12))
     safe_det = torch.where(det > 0, det, torch.ones_like(det))
     conics = torch.stack([c / safe_det, -b / safe_det, a / safe_det], dim=-1)
     means2d = torch.stack([fx * x / safe_z + cx, fy * y / safe_z + cy], dim=-1)
@@ -104,7 +114,7 @@ def project_gaussians(
         on_screen = (u + radius_x > 0) & (u - radius_x < width) & (v + radius_y > 0) & (v - radius_y < height)
         keep = (z >= near) & (z <= far) & (det > 0) & visible_opacity & on_screen & (radius_x > 0) & (radius_y > 0)
         radii = torch.stack([radius_x, radius_y], dim=-1).nan_to_num(0.0).long() * keep[..., None]
-    return ProjectedGaussians(means2d=means2d, depths=z, conics=conics, radii=radii)
+    return ProjectedGaussians(means2d=means2d, depths=z, conics=conics, radii=radii, compensations=compensations)
 
 
 def _tile_lists(
@@ -195,7 +205,7 @@ def rasterize_gaussians(
 ) -> tuple[Tensor, Tensor]:
     """Composite per-view features of the projected Gaussians (see the module docstring).
 
-    projected: `[B, V, N, ...]`; opacities [B, N]; features [B, V, N, D] (e.g. rgb, normal, depth).
+    projected: `[B, V, N, ...]`; opacities [B, N] or per view [B, V, N]; features [B, V, N, D] (e.g. rgb, normal, depth).
     Returns (features [B, V, H, W, D] = sum weight * feature, 0 where nothing is drawn; alpha [B, V, H, W, 1]).
     """
     batch, views, count = projected.depths.shape
@@ -203,7 +213,7 @@ def rasterize_gaussians(
     tiles_y, tiles_x = -(-height // tile_size), -(-width // tile_size)
     means2d = projected.means2d.reshape(images * count, 2)
     conics = projected.conics.reshape(images * count, 3)
-    opacity = opacities[:, None].expand(batch, views, count).reshape(images * count)
+    opacity = (opacities if opacities.dim() == 3 else opacities[:, None]).expand(batch, views, count).reshape(images * count)
     flat_features = features.reshape(images * count, dims)
     # one zero-opacity Gaussian at the end pads the per-tile lists
     means2d = torch.cat([means2d, means2d.new_zeros(1, 2)])

@@ -43,7 +43,8 @@ grad = (x - y) / (mean |x - y| + dmd_eps), a pull of every pixel straight toward
 Target renders: targets are drawn by `renderers.mesh_renderer.MeshRenderer.render_meshes` from a mesh
 extracted once per shape and scale by the project's marching cubes (`target_mesh_resolution`^3 grid,
 cached), with per-vertex constant colour, no gradient (`target_renderer="mesh"`, default, ~70x faster
-than NeuS on the CPU); or by the NeuS volume renderer on the exact SDF (`"volume"`); or by the same
+than NeuS on the CPU); or by the NeuS volume renderer on the exact SDF (`"volume"`); or as 3D Gaussians
+on the target surface by the Gaussian renderer (`"gaussian"`, see `target_gaussians`); or by the same
 kind of renderer as each student render (`"same"`). The two renderers disagree on "depth" (mesh: along
 the camera axis; volume: along the ray) and "disparity" (mesh "clip_z": from clip-space z, about
 depth - 0.2; volume: from the ray depth), so mesh-drawn targets that teach a render whose `renderer` is
@@ -63,15 +64,20 @@ from torch import Tensor
 
 from renderers.backgrounds import NORMAL_BACKGROUND
 from renderers.cameras import resized
+from renderers.gaussians import Gaussians
 from renderers.types import Cameras, RenderOutput
 from teachers.base import Teacher, checked_image, render_image
 from teachers.objectives import ScoreDistillation
 from teachers.schedules import ScheduleLike
-from teachers.shapes import ShapeField, ShapeTarget, parse_shape_prompt, target_mesh
+from teachers.shapes import ShapeField, ShapeTarget, parse_shape_prompt, target_gaussians, target_mesh
 
+SPLAT_FIELDS = ("means", "quats", "scales", "opacities", "sh")
 IMAGE_CHANNELS = {"rgb": 3, "normal": 3, "alpha": 1, "depth": 1, "disparity": 1}
 UNCONDITIONALS = ("mixture", "gaussian")
-TARGET_RENDERERS = ("mesh", "volume", "same")
+TARGET_RENDERERS = ("mesh", "volume", "gaussian", "same")
+# the target Gaussians (`target_renderer="gaussian"`): the untrained Gaussians of
+# lightning_modules/student/gaussian_field.py on the target surface, drawn by a GaussianRenderer with eps2d / antialiased
+TARGET_GAUSSIANS = dict(num_gaussians=4096, scale_factor=0.5, thickness=0.3, opacity=0.9, eps2d=0.3, antialiased=False)
 
 
 # ---------------------------------------------------------------------------------------------- exact denoisers
@@ -155,8 +161,15 @@ class ShapeTeacher(Teacher):
         unconditional_std: the standard deviation of the "gaussian" unconditional (latent units).
         background: RGB of the targets' background (match the student renderer's).
         target_renderer: "mesh" (cached marching-cubes mesh, rasterised; depth / disparity converted to
-            the volume conventions for volume renders), "volume" (NeuS on the exact SDF) or "same" (the
-            renderer kind of each student render).
+            the volume conventions for volume renders), "volume" (NeuS on the exact SDF), "gaussian" (3D
+            Gaussians on the target surface, `target_gaussians`) or "same" (the renderer kind of each
+            student render).
+        target_gaussians: the target Gaussians of "gaussian" (keys of `TARGET_GAUSSIANS`, the defaults):
+            `num_gaussians` points drawn by area on the target mesh (fixed seed), flat discs tangent to the
+            exact surface with standard deviations scale_factor sqrt(area / num_gaussians) x (1, 1,
+            thickness), one `opacity`; drawn with the renderer's `eps2d` and `antialiased`. Set them as the
+            student's Gaussians (its `representation` and renderer): a render of the target surface then
+            has the footprint of the student's splats, whose silhouettes reach beyond their centres.
         target_mesh_resolution: marching-cubes grid of the cached target meshes.
         normal_flip_x, disparity_depth, antialias: image conventions of the target renders (as
             `MeshRenderer`'s; keep the student renderer's).
@@ -182,6 +195,7 @@ class ShapeTeacher(Teacher):
         background: Sequence[float] = (1.0, 1.0, 1.0),
         target_renderer: str = "mesh",
         target_mesh_resolution: int = 48,
+        target_gaussians: Mapping[str, float | bool] | None = None,
         normal_flip_x: bool = True,
         disparity_depth: str = "clip_z",
         antialias: bool = True,
@@ -228,6 +242,9 @@ class ShapeTeacher(Teacher):
             raise ValueError(f"rasterizer {rasterizer!r} is not one of auto, torch, nvdiffrast")
         if target_mesh_resolution < 8:
             raise ValueError(f"target_mesh_resolution must be >= 8, got {target_mesh_resolution}")
+        unknown_gaussian = sorted(set(target_gaussians or {}) - set(TARGET_GAUSSIANS))
+        if unknown_gaussian:
+            raise ValueError(f"target_gaussians: unknown key(s) {', '.join(unknown_gaussian)}; known: {', '.join(TARGET_GAUSSIANS)}")
         if unconditional_std <= 0:
             raise ValueError(f"unconditional_std must be > 0, got {unconditional_std}")
         if len(background) != 3:
@@ -239,6 +256,7 @@ class ShapeTeacher(Teacher):
         self.background = tuple(float(c) for c in background)
         self.target_renderer = target_renderer
         self.target_mesh_resolution = int(target_mesh_resolution)
+        self.target_gaussians = {**TARGET_GAUSSIANS, **(target_gaussians or {})}
         self.normal_flip_x = normal_flip_x
         self.disparity_depth = disparity_depth
         self.antialias = antialias
@@ -286,6 +304,7 @@ class ShapeTeacher(Teacher):
     def load(self) -> None:
         """The target renderers (held outside the module tree, like a real teacher's frozen models) and
         the noise schedule."""
+        from renderers.gaussian_renderer import GaussianRenderer
         from renderers.mesh_renderer import MeshRenderer
         from renderers.volume_renderer import NeuSVolumeRenderer
 
@@ -299,21 +318,29 @@ class ShapeTeacher(Teacher):
             antialias=self.antialias,
         )
         volume = NeuSVolumeRenderer(background=self.background, normal_flip_x=self.normal_flip_x)
-        self.frozen = {"mesh": self._freeze(mesh), "volume": self._freeze(volume)}
+        gaussian = GaussianRenderer(
+            background=self.background,
+            normal_flip_x=self.normal_flip_x,
+            eps2d=self.target_gaussians["eps2d"],
+            antialiased=bool(self.target_gaussians["antialiased"]),
+        )
+        self.frozen = {"mesh": self._freeze(mesh), "volume": self._freeze(volume), "gaussian": self._freeze(gaussian)}
         self.alphas_cumprod = ddpm_alphas_cumprod(**self.schedule_config)
 
     def _target_kind(self, render: RenderOutput) -> tuple[str, str]:
         """(renderer drawing the targets, renderer whose depth / disparity conventions they follow)."""
         student = "volume" if render.renderer == "volume" else "mesh"
-        renderer = student if self.target_renderer == "same" else self.target_renderer
-        return renderer, student
+        if self.target_renderer == "same":
+            return ("gaussian" if render.renderer == "gaussian" else student), student
+        return self.target_renderer, student
 
     @torch.no_grad()
     def render_targets(
         self, targets: Sequence[ShapeTarget], cameras: Cameras, renderer: str = "mesh", conventions: str = "mesh"
     ) -> RenderOutput:
         """Render `targets[b]` from `cameras[b]` (`[B, V]`, at cameras.height x width) with the project's
-        mesh renderer (cached target meshes) or volume renderer (exact SDF). Images `[B, V, C, H, W]`.
+        mesh renderer (cached target meshes), volume renderer (exact SDF) or Gaussian renderer (Gaussians on
+        the target mesh, `target_gaussians`). Images `[B, V, C, H, W]`.
 
         conventions: "volume" makes the "depth" / "disparity" of mesh-rendered targets follow the NeuS
         volume renderer's (see `volume_depth_conventions`), so that they can teach a volume render.
@@ -326,6 +353,11 @@ class ShapeTeacher(Teacher):
         if renderer == "volume":
             field = ShapeField(list(targets), device=device)
             return self.frozen["volume"].to(device)(field, cameras)
+        if renderer == "gaussian":
+            settings = {k: v for k, v in self.target_gaussians.items() if k not in ("eps2d", "antialiased")}
+            splats = [target_gaussians(target, self.target_mesh_resolution, **settings) for target in targets]
+            batch = {name: torch.stack([getattr(g, name)[0] for g in splats]).to(device) for name in SPLAT_FIELDS}
+            return self.frozen["gaussian"].to(device)(Gaussians(**batch), cameras)
         meshes, colors = [], []
         for target in targets:
             mesh = target_mesh(target, self.target_mesh_resolution)

@@ -33,6 +33,7 @@ also be volume-rendered (NeuS) and projected onto: a scaled shape is s * sdf(p /
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -366,6 +367,45 @@ def target_mesh(target: ShapeTarget, resolution: int = 64) -> TriangleMesh:
     """The target's surface extracted once (cached per shape, scale and resolution) by the project's
     marching cubes (`renderers.marching_cubes`) on a `resolution`^3 grid over [-1, 1]^3. CPU, float32."""
     return _cached_target_mesh(target.shape, float(target.scale), int(resolution))
+
+
+@lru_cache(maxsize=32)
+def _cached_target_gaussians(
+    target: ShapeTarget, resolution: int, num_gaussians: int, scale_factor: float, thickness: float, opacity: float
+):
+    from renderers.gaussians import Gaussians, rgb_to_sh0
+
+    mesh = target_mesh(target, resolution)
+    v, f = mesh.vertices.double(), mesh.faces.long()
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    areas = torch.linalg.cross(b - a, c - a, dim=-1).norm(dim=-1) / 2
+    generator = torch.Generator().manual_seed(0)
+    face = torch.multinomial(areas, num_gaussians, replacement=True, generator=generator)
+    u, w = torch.rand(2, num_gaussians, generator=generator, dtype=torch.float64)
+    root = u.sqrt()  # uniform barycentric coordinates
+    points = (1 - root)[:, None] * a[face] + (root * (1 - w))[:, None] * b[face] + (root * w)[:, None] * c[face]
+    with torch.enable_grad():
+        probe = points.requires_grad_(True)
+        (gradient,) = torch.autograd.grad(target.sdf(probe).sum(), probe)
+    x, y, z = F.normalize(gradient, dim=-1).unbind(-1)
+    # the shortest-arc rotation of +z onto the normal (a half turn about x for -z)
+    quats = torch.stack([1 + z, -y, x, torch.zeros_like(z)], dim=-1)
+    quats = torch.where((1 + z)[:, None] > 1e-6, quats, quats.new_tensor([0.0, 1.0, 0.0, 0.0]))
+    spacing = math.sqrt(float(areas.sum()) / num_gaussians)
+    scales = scale_factor * spacing * torch.tensor([1.0, 1.0, thickness], dtype=torch.float64).expand(num_gaussians, 3)
+    sh = rgb_to_sh0(target.color_tensor(dtype=torch.float64)).expand(num_gaussians, 1, 3)
+    opacities = torch.full((num_gaussians,), float(opacity), dtype=torch.float64)
+    return Gaussians(means=points.detach()[None], quats=F.normalize(quats, dim=-1)[None],
+                     scales=scales[None], opacities=opacities[None], sh=sh[None]).to(torch.float32)
+
+
+def target_gaussians(target: ShapeTarget, resolution: int = 48, num_gaussians: int = 4096, scale_factor: float = 0.5,
+                     thickness: float = 0.3, opacity: float = 0.9):
+    """`renderers.gaussians.Gaussians` (B = 1, N = `num_gaussians`, float32, CPU, SH degree 0) on the target:
+    centres drawn by area on its marching-cubes mesh (`resolution`^3, fixed seed), flat discs tangent to the
+    exact surface (normal = the SDF gradient), standard deviations scale_factor sqrt(area / N) x (1, 1, thickness),
+    one opacity, the target's colour. Cached per target and settings."""
+    return _cached_target_gaussians(target, int(resolution), int(num_gaussians), float(scale_factor), float(thickness), float(opacity))
 
 
 def sample_mesh_surface(vertices: Tensor, faces: Tensor, num_points: int, seed: int = 0) -> Tensor:

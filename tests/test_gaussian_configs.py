@@ -43,20 +43,28 @@ def load(name: str) -> dict:
     return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
 
 
+SHAPE = "model.init_args.teachers.init_args.teachers.shape.init_args"
 # The Gaussian CPU demo keeps the schedule the mesh demo had before it was shortened (see its header).
 DEMO_SCHEDULE = {
-    "trainer.max_steps", "trainer.val_check_interval", "model.init_args.optimizer.init_args.lr",
-    "model.init_args.teachers.init_args.teachers.shape.init_args.target_mesh_resolution",
+    "trainer.max_steps", "trainer.val_check_interval", "model.init_args.optimizer.init_args.lr", f"{SHAPE}.target_mesh_resolution",
 }  # fmt: skip
+# ... and the splats' footprint (see its header): the renderer's antialiased mode, and the shape teacher drawing its
+# targets as the student's splats (target_renderer: gaussian, with the target Gaussians' settings) instead of meshes
+DEMO_FOOTPRINT_CHANGED = {f"{SHAPE}.target_renderer"}
+DEMO_FOOTPRINT_ADDED = {"model.init_args.renderers.gaussian.init_args.antialiased",
+                        *(f"{SHAPE}.target_gaussians.{k}" for k in ("num_gaussians", "scale_factor", "antialiased"))}  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "mesh, gaussians, output, schedule",
-    [("triplaneturbo_v1", "triplaneturbo_v1_gaussians", "triplaneturbo_v1", set()), ("demo_cpu", "demo_cpu_gaussians", "demo_cpu", DEMO_SCHEDULE)],
-)
-def test_the_gaussian_configs_differ_from_the_mesh_ones_only_in_the_representation(mesh, gaussians, output, schedule):
+    "mesh, gaussians, output, schedule, footprint_changed, footprint_added",
+    [("triplaneturbo_v1", "triplaneturbo_v1_gaussians", "triplaneturbo_v1", set(), set(), set()),
+     ("demo_cpu", "demo_cpu_gaussians", "demo_cpu", DEMO_SCHEDULE, DEMO_FOOTPRINT_CHANGED, DEMO_FOOTPRINT_ADDED)],
+)  # fmt: skip
+def test_the_gaussian_configs_differ_from_the_mesh_ones_only_in_the_representation(
+    mesh, gaussians, output, schedule, footprint_changed, footprint_added
+):
     a, b = leaves(load(mesh)), leaves(load(gaussians))
-    changed = {key for key in a.keys() & b.keys() if a[key] != b[key]} - schedule
+    changed = {key for key in a.keys() & b.keys() if a[key] != b[key]} - schedule - footprint_changed
     model = "model.init_args"
     only_mesh = {key for key in a if key.startswith(f"{model}.renderers.mesh.")} | {f"{model}.render_resolution.mesh"}
     if schedule:
@@ -65,6 +73,7 @@ def test_the_gaussian_configs_differ_from_the_mesh_ones_only_in_the_representati
     assert b.keys() - a.keys() == {
         f"{model}.student_config.student_class", *(f"{model}.student_config.representation.{k}" for k in load(gaussians)["model"]["init_args"]["student_config"]["representation"]),
         f"{model}.renderers.gaussian.class_path", f"{model}.renderers.gaussian.init_args.backend", f"{model}.render_resolution.gaussian",
+        *footprint_added,
     }  # fmt: skip
     assert changed == {f"{model}.validation.renderers", "trainer.logger.init_args.name", "trainer.callbacks"}
     assert b[f"{model}.student_config.student_class"] == GAUSSIAN_STUDENT
@@ -75,6 +84,24 @@ def test_the_gaussian_configs_differ_from_the_mesh_ones_only_in_the_representati
     assert b["trainer.logger.init_args.name"] == f"{output}_gaussians"
     renamed = yaml.safe_dump(load(mesh)["trainer"]["callbacks"]).replace(f"outputs/{output}/", f"outputs/{output}_gaussians/")
     assert yaml.safe_load(renamed) == load(gaussians)["trainer"]["callbacks"]
+
+
+def test_the_gaussian_demo_teacher_draws_its_targets_as_the_students_splats():
+    """The target Gaussians of the demo's shape teacher are the untrained student's (count, size, thickness, opacity)
+    drawn by a renderer with the student renderer's filter: the same footprint, so the teacher's optimum puts the
+    centres on the target surface."""
+    from lightning_modules.student.gaussian_field import GaussianSettings
+    from teachers.shape_teacher import ShapeTeacher
+
+    model = load("demo_cpu_gaussians")["model"]["init_args"]
+    teacher = ShapeTeacher(**model["teachers"]["init_args"]["teachers"]["shape"]["init_args"])
+    student = GaussianSettings.from_dict(model["student_config"]["representation"])
+    renderer = model["renderers"]["gaussian"]["init_args"]
+    assert teacher.target_renderer == "gaussian"
+    assert teacher.target_gaussians == dict(
+        num_gaussians=student.num_gaussians, scale_factor=student.scale_factor, thickness=student.thickness,
+        opacity=student.init_opacity, eps2d=renderer.get("eps2d", 0.3), antialiased=renderer["antialiased"],
+    )  # fmt: skip
 
 
 def tiny_demo_config(name: str, base: str, root: Path) -> dict:

@@ -26,6 +26,7 @@ from teachers.shapes import (
     parse_shape_prompt,
     sample_mesh_surface,
     sample_surface_points,
+    target_gaussians,
     target_mesh,
 )
 from tests.teacher_helpers import make_cameras
@@ -179,6 +180,46 @@ def test_target_renderer_same_draws_each_render_with_its_own_kind():
     # both kinds draw the same silhouettes (mesh vs NeuS of the same exact SDF)
     mesh_alpha, volume_alpha = teacher.last_targets[:8, 0], teacher.last_targets[8:, 0]
     assert ((mesh_alpha > 0) == (volume_alpha > 0)).float().mean() > 0.9
+
+
+def test_gaussian_targets_are_flat_splats_on_the_surface_and_draw_its_silhouette():
+    """target_renderer="gaussian": N Gaussians on the target surface (|sdf| within the 48^3 mesh's error), each a
+    disc tangent to it (smallest axis = the SDF gradient), std scale_factor sqrt(area / N), thickness 0.3; their
+    render covers the mesh's silhouette and more (the footprint the teacher gives the student's splats too), the
+    classic filter's wider than the antialiased one's; "same" draws
+    Gaussian renders with them."""
+    target = parse_shape_prompt("a large purple capsule")
+    splats = target_gaussians(target, 48, num_gaussians=1024, scale_factor=0.5, thickness=0.3, opacity=0.9)
+    means = splats.means[0]
+    assert means.shape == (1024, 3) and target.sdf(means).abs().max() < 0.01
+    probe = means.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(target.sdf(probe).sum(), probe)
+    assert (splats.normals()[0] * torch.nn.functional.normalize(gradient, dim=-1)).sum(-1).abs().min() > 0.999
+    expected_std = 0.5 * math.sqrt(sample_area(target) / 1024)
+    torch.testing.assert_close(splats.scales[0, 0], torch.tensor([1.0, 1.0, 0.3]) * expected_std)
+    assert torch.all(splats.opacities == 0.9)
+
+    cameras = evaluation_cameras(4, elevation=20.0, height=24, width=24)
+    coverage = {}
+    for antialiased in (False, True):
+        teacher = ShapeTeacher(channels=["alpha"], target_renderer="gaussian", target_gaussians=dict(num_gaussians=1024, antialiased=antialiased))
+        alpha = teacher.render_targets([target], cameras, "gaussian").images["alpha"]
+        coverage[antialiased] = float(alpha.sum())
+    mesh = ShapeTeacher(channels=["alpha"]).render_targets([target], cameras, "mesh").images["alpha"]
+    inside, drawn = mesh > 0.5, alpha > 0.5  # antialiased: the splats cover the silhouette and reach ~1 px beyond it
+    assert (inside & drawn).sum() >= 0.98 * inside.sum() and drawn.sum() < 1.3 * inside.sum()
+    assert coverage[False] > 1.2 * coverage[True]  # the classic 0.3 px^2 dilation draws them wider still
+    teacher = ShapeTeacher(channels=["alpha"], target_renderer="same")
+    render = RenderOutput({"alpha": torch.rand(1, 4, 1, 24, 24)}, cameras, "gaussian")
+    assert teacher._target_kind(render) == ("gaussian", "mesh")
+    with pytest.raises(ValueError, match="target_gaussians: unknown key"):
+        ShapeTeacher(target_renderer="gaussian", target_gaussians={"count": 10})
+
+
+def sample_area(target) -> float:
+    mesh = target_mesh(target, 48)
+    a, b, c = (mesh.vertices[mesh.faces[:, k].long()].double() for k in range(3))
+    return float(torch.linalg.cross(b - a, c - a, dim=-1).norm(dim=-1).sum() / 2)
 
 
 def test_mesh_targets_for_volume_renders_follow_the_volume_depth_conventions():
