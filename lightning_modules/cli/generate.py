@@ -3,10 +3,15 @@
     prd generate "a prompt" ["another" ... | --prompts-file F] --out DIR [--seed N]
                  [--format glb|obj|ply] [--base ...] [--weights ...] [--resolution 160]
                  [--batch-size N] [--uv-texture] [--device auto|cpu|cuda] [--dtype float32|float16|bfloat16]
+                 [--compile [--compile-mode MODE]] [--channels-last] [--export-thread auto|on|off]
                  [--asset [--faces 20000] [--texture-size 1024] [--roughness 1]] [--faces N]
 
 A student with Gaussians (`TriplaneGaussianStudent`, its config.json names it) also writes each object's 3D
 Gaussians as a 3DGS PLY, `<name>_gaussians.ply`, beside the mesh of the same SDF; `--format` is the mesh's format.
+
+`--dtype`, `--compile`, `--channels-last`: how the networks run (`lightning_modules.student.inference`); the
+compile warm-up is timed apart from the per-mesh stages. `--export-thread`: files written in a background thread
+while the networks go on (auto: on CUDA).
 
 `--asset`: a game-ready PBR asset per prompt (decimated to --faces, UV atlas, albedo and normal maps baked
 from the field, GLB or OBJ / MTL); `--faces` alone decimates the vertex-colour (or --uv-texture) export.
@@ -23,8 +28,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from lightning_modules.cli.arguments import CommandParser, float_in, int_at_least
 from lightning_modules.cli.paths import output_folder
 from lightning_modules.student.generation import (
@@ -33,6 +36,14 @@ from lightning_modules.student.generation import (
     generate_meshes,
     resolve_device,
     validate_prompts,
+)
+from lightning_modules.student.inference import (
+    COMPILE_MODES,
+    DTYPES,
+    batch_sizes_of_run,
+    check_inference_settings,
+    prepare_for_inference,
+    warm_up,
 )
 from renderers.asset import MAX_TEXTURE_SIZE, AssetSettings
 from renderers.errors import UserError
@@ -80,7 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--empty-surface", choices=("unit_sphere", "error"), default="unit_sphere",
                    help="when a field has no surface: the released pipeline's unit sphere, or an error")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="precision of the UNet, VAE decoder and text encoder (sampler arithmetic and field stay "
+                        "float32); float16 / bfloat16 are meant for CUDA (slow on the CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and VAE decoder (warm-up timed apart; the CPU needs a C++ compiler)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="with --compile: auto (reduce-overhead = CUDA graphs on CUDA, default elsewhere), default, "
+                        "reduce-overhead, max-autotune (both CUDA only), max-autotune-no-cudagraphs")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels_last memory format for the UNet and VAE decoder convolutions")
+    p.add_argument("--export-thread", choices=("auto", "on", "off"), default="auto",
+                   help="write files in a background thread while the networks run on (auto: on with CUDA)")
     p.add_argument("--no-merge", action="store_true",
                    help="keep the LoRA / LoCon adapters separate (default: folded into the weights, faster)")
     p.add_argument("--no-progress", action="store_true")
@@ -113,36 +135,48 @@ def main(argv: list[str]) -> int:
                               roughness=1.0 if args.roughness is None else args.roughness)
     elif args.roughness is not None:
         raise UserError("--roughness sets the material of --asset: add --asset")
+    if args.compile_mode is not None and not args.compile:
+        raise UserError("--compile-mode sets the mode of --compile: add --compile")
     device = resolve_device(args.device)
+    compile_mode = (args.compile_mode or "auto") if args.compile else None
+    check_inference_settings(device, args.dtype, compile_mode)
     out_dir = output_folder(args.out, "--out")
 
     from lightning_modules.student import TriplaneStudent
 
     start = time.perf_counter()
     student = TriplaneStudent.from_pretrained(args.base, weights=args.weights, device=device)
-    student.to(dtype=getattr(torch, args.dtype))
     if not args.no_merge:
-        student.merge_adapters()
+        student.merge_adapters()  # in float32, before any cast
+    prepare_for_inference(student, DTYPES[args.dtype], compile_mode, channels_last=args.channels_last)
     load_seconds = time.perf_counter() - start
+    warm_up_seconds = warm_up(student, batch_sizes_of_run(len(prompts), args.batch_size)) if args.compile else 0.0
 
     timer = StageTimer()
+    start = time.perf_counter()
     records = generate_meshes(
         student, prompts, out_dir, seed=args.seed, file_format=args.file_format, resolution=args.resolution,
         batch_size=args.batch_size, uv_texture=args.uv_texture, texture_size=args.texture_size,
         material=args.material, faces=None if asset else args.faces, asset=asset,
         empty_surface=args.empty_surface, timer=timer, progress=not args.no_progress,
+        export_thread=None if args.export_thread == "auto" else args.export_thread == "on",
     )
+    wall_seconds = time.perf_counter() - start
     manifest = dict(
         meshes=records,
         weights=str(args.weights),
         base=str(args.base),
         resolution=args.resolution,
         format=args.file_format,
-        timings_seconds=dict(timer.seconds, load=load_seconds, total=timer.total),
+        dtype=args.dtype,
+        compile_mode=compile_mode,
+        timings_seconds=dict(timer.seconds, load=load_seconds, warm_up=warm_up_seconds, total=timer.total,
+                             wall=wall_seconds),
     )
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     splats = sum("gaussians_file" in r for r in records)
     print(f"wrote {len(records)} mesh(es){f' and {splats} Gaussian PLY(s)' if splats else ''} to {args.out} "
-          f"(model loading {load_seconds:.2f} s)")
+          f"(model loading {load_seconds:.2f} s{f', compile warm-up {warm_up_seconds:.2f} s' if args.compile else ''})")
     print(timer.table(len(records)))
+    print(f"wall-clock {wall_seconds:.3f} s, {wall_seconds / len(records):.3f} s per mesh")
     return 0

@@ -204,7 +204,7 @@ class ServeModel:
             except EmptySurfaceError as err:
                 raise UserError(str(err)) from None
         record = export_object(mesh, obj, path_inside(self.out_dir, request_id, f"0000_{slugify(request.prompt)}.glb"),
-                               device=self.student.device, dtype=self.student.dtype, timer=timer, asset=asset,
+                               device=self.student.device, dtype=self.student.field_dtype, timer=timer, asset=asset,
                                uv_texture=request.uv_texture, texture_size=self.texture_size)
         glb_file = path_inside(self.out_dir, request_id, record["file"])
         if record["empty_surface_fallback"]:

@@ -288,6 +288,10 @@ class TriplaneGaussianStudent(TriplaneStudent):
             field, self.gaussian_geometry_head, self.gaussian_color_head, self.gaussian_settings
         )
 
+    def field_modules(self) -> dict[str, nn.Module]:
+        heads = dict(gaussian_geometry_head=self.gaussian_geometry_head, gaussian_color_head=self.gaussian_color_head)
+        return {**super().field_modules(), **{name: m for name, m in heads.items() if m is not None}}
+
     def config_summary(self) -> str:
         settings = self.gaussian_settings
         return (

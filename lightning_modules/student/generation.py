@@ -3,6 +3,8 @@
 
     output = generate(student, ["a wooden chair"], seed=0)      # in memory, writes nothing (as diffusers' pipelines)
     output.objects[0].mesh, .vertex_colors, .field, .gaussians  # world frame; Gaussians for a Gaussian student
+    for obj in iter_generate(student, prompts, seed=0):         # streamed: each object as soon as its mesh is done
+        ...
     records = export_generation(output, "meshes/", file_format="glb")                       # only this writes
     records = generate_meshes(student, ["a wooden chair"], "meshes/", seed=0, file_format="glb")  # both, in batches
     records = generate_meshes(student, prompts, "assets/", asset=AssetSettings(faces=20_000))  # game-ready
@@ -19,14 +21,19 @@ Object i of a run is drawn from noise seeded with `seed + i`, so a mesh does not
 size or on the other prompts. Each record names the prompt, its seed, the file written and the mesh
 sizes (a student with Gaussians also writes `<name>_gaussians.ply`, the 3DGS PLY, beside the mesh);
 `StageTimer` collects the seconds per stage (text encoding, denoising, triplane decoding, mesh extraction,
-gaussians, export). The command line (`prd generate`) is `lightning_modules.cli.generate`.
+gaussians, export). `generate_meshes(..., export_thread=True)` writes the files in a background thread while the
+networks run on the next batch (the default on CUDA). Precision and torch.compile: `lightning_modules.student.
+inference`. The command line (`prd generate`) is `lightning_modules.cli.generate`.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +59,11 @@ class PromptError(UserError, ValueError):
 
 @dataclass
 class StageTimer:
-    """Wall-clock seconds per named stage (CUDA work is synchronised at stage boundaries)."""
+    """Wall-clock seconds per named stage (CUDA work is synchronised at stage boundaries). Thread-safe: with the
+    export thread, stages overlap and their sum exceeds the wall-clock time."""
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @contextmanager
     def __call__(self, stage: str, device: torch.device | None = None):
@@ -67,7 +76,9 @@ class StageTimer:
         finally:
             if sync:
                 torch.cuda.synchronize(device)
-            self.seconds[stage] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.seconds[stage] += elapsed
 
     @property
     def total(self) -> float:
@@ -125,8 +136,8 @@ def validate_prompts(prompts: list[str], source: str = "prompt") -> list[str]:
 
 
 class _ObjectOfBatch:
-    """Object `index` of any batched `renderers.types.Field`: its colours from one batched call, with the
-    object's points in its row (the other rows get zeros)."""
+    """Object `index` of any batched `renderers.types.Field` (B = 1): SDF, deformation and colours from one
+    batched call, with the object's points in its row (the other rows get zeros)."""
 
     def __init__(self, field, index: int) -> None:
         self.field, self.index = field, index
@@ -141,6 +152,19 @@ class _ObjectOfBatch:
 
     def sdf(self, points):  # [1, N, 3] -> [1, N]
         return self.field.sdf(self._batch(points))[self.index : self.index + 1]
+
+    def deformation(self, points):  # [1, N, 3] -> [1, N, 3]
+        return self.field.deformation(self._batch(points))[self.index : self.index + 1]
+
+    batch_size = 1
+
+    @property
+    def device(self):
+        return getattr(self.field, "device", None)
+
+    @property
+    def dtype(self):
+        return getattr(self.field, "dtype", None)
 
 
 def object_field(field, index: int):
@@ -216,6 +240,50 @@ def sample_fields(student, prompts: list[str], seeds: list[int], timer: StageTim
         return student.decode(latents)
 
 
+@torch.no_grad()  # for generators too: each resumption runs without grad
+def iter_generate(
+    student,
+    prompts: list[str],
+    seed: int = 0,
+    resolution: int = 160,
+    batch_size: int = 4,
+    empty_surface: str = "unit_sphere",
+    vertex_colors: bool = True,
+    first_index: int = 0,
+    timer: StageTimer | None = None,
+) -> Iterator[GeneratedObject]:
+    """Prompts -> objects, yielded one by one, in order, as soon as each object's mesh is done; writes nothing.
+
+    The networks run `batch_size` prompts at once (`sample_fields`); the meshes are then extracted object by
+    object, so the first object of a batch comes out before the others are extracted. Object i
+    (`first_index + i`) is drawn from noise `student.make_noise(1, seed=seed + i)`, so it does not depend on the
+    batch. Every object gets its marching-cubes mesh (`resolution`^3 grid; `empty_surface`: "unit_sphere" as
+    the released pipeline, or "error") with its vertex colours, and its Gaussians when the student's field
+    offers `gaussians()` (`TriplaneGaussianStudent`). `timer` collects the seconds per stage.
+    """
+    prompts = validate_prompts(list(prompts))
+    timer = timer if timer is not None else StageTimer()
+    device, dtype = student.device, student.field_dtype
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        field_batch = sample_fields(student, batch, [seed + start + i for i in range(len(batch))], timer)
+        splats = [None] * len(batch)
+        if callable(getattr(field_batch, "gaussians", None)):
+            with timer("gaussians", device):
+                gaussians = field_batch.gaussians()
+                splats = [gaussians.select(i) for i in range(len(batch))]
+        for i, prompt in enumerate(batch):
+            index = first_index + start + i
+            with timer("mesh extraction", device):
+                obj = object_field(field_batch, i)
+                try:
+                    (mesh,) = extract_mesh(obj, batch_size=1, resolution=resolution, empty_fallback=empty_surface)
+                except EmptySurfaceError as err:
+                    raise UserError(f"{err} (prompt {index + 1})") from None
+                colors = obj.color(mesh.vertices[None].to(device, dtype))[0] if vertex_colors else None
+            yield GeneratedObject(index, prompt, seed + start + i, obj, mesh, colors, splats[i])
+
+
 @torch.no_grad()
 def generate(
     student,
@@ -228,40 +296,13 @@ def generate(
     first_index: int = 0,
     timer: StageTimer | None = None,
 ) -> GenerationOutput:
-    """Prompts -> objects in memory; writes nothing (`export_generation` writes them).
-
-    Object i (`first_index + i`) is drawn from noise `student.make_noise(1, seed=seed + i)`, so it does not
-    depend on the batch. Every object gets its marching-cubes mesh (`resolution`^3 grid; `empty_surface`:
-    "unit_sphere" as the released pipeline, or "error") with its vertex colours, and its Gaussians when the
-    student's field offers `gaussians()` (`TriplaneGaussianStudent`). `timer` collects the seconds per stage
-    (text encoding, denoising, triplane decoding, mesh extraction, gaussians); the output holds them.
-    """
-    prompts = validate_prompts(list(prompts))
+    """Prompts -> objects in memory, all at once (`iter_generate` streams them); writes nothing
+    (`export_generation` writes them). The output holds the seconds per stage, and the device and the dtype
+    where the fields are evaluated (`student.field_dtype`)."""
     timer = timer if timer is not None else StageTimer()
-    device = student.device
-    objects: list[GeneratedObject] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        field_batch = sample_fields(student, batch, [seed + start + i for i in range(len(batch))], timer)
-        with timer("mesh extraction", device):
-            try:
-                meshes = extract_mesh(field_batch, resolution=resolution, empty_fallback=empty_surface)
-            except EmptySurfaceError as err:
-                raise UserError(f"{err} (prompts {first_index + start + 1}-{first_index + start + len(batch)})") from None
-            fields = [object_field(field_batch, i) for i in range(len(batch))]
-            colors = [
-                obj.color(m.vertices[None].to(device, student.dtype))[0] if vertex_colors else None
-                for obj, m in zip(fields, meshes, strict=True)
-            ]
-        splats = [None] * len(batch)
-        if callable(getattr(field_batch, "gaussians", None)):
-            with timer("gaussians", device):
-                gaussians = field_batch.gaussians()
-                splats = [gaussians.select(i) for i in range(len(batch))]
-        for i, prompt in enumerate(batch):
-            index = first_index + start + i
-            objects.append(GeneratedObject(index, prompt, seed + start + i, fields[i], meshes[i], colors[i], splats[i]))
-    return GenerationOutput(objects, dict(timer.seconds), device, student.dtype)
+    objects = list(iter_generate(student, prompts, seed, resolution, batch_size, empty_surface, vertex_colors,
+                                 first_index, timer))
+    return GenerationOutput(objects, dict(timer.seconds), student.device, student.field_dtype)
 
 
 def export_generation(
@@ -277,26 +318,44 @@ def export_generation(
 ) -> list[dict]:
     """Write every object of `output` into `out_dir` (which exists): its mesh as `NNNN_<slug>.<file_format>`
     and, when it has Gaussians, the 3DGS PLY `NNNN_<slug>_gaussians.ply`; one manifest record per object."""
+    return [export_generated(obj, out_dir, file_format=file_format, uv_texture=uv_texture, texture_size=texture_size,
+                             material=material, faces=faces, asset=asset, device=output.device, dtype=output.dtype,
+                             timer=timer)
+            for obj in output.objects]
+
+
+def export_generated(
+    obj: GeneratedObject,
+    out_dir: str | Path,
+    file_format: str = "glb",
+    uv_texture: bool = False,
+    texture_size: int = 1024,
+    material: str = "pbr",
+    faces: int | None = None,
+    asset: AssetSettings | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    timer: StageTimer | None = None,
+) -> dict:
+    """Write one generated object into `out_dir` (its field evaluated on `device` in `dtype`): the mesh file and,
+    with Gaussians, the 3DGS PLY. Returns its manifest record."""
     out_dir = Path(out_dir)
     timer = timer if timer is not None else StageTimer()
-    records = []
-    device, dtype = output.device, output.dtype
-    for obj in output.objects:
-        stem = f"{obj.index:04d}_{slugify(obj.prompt)}"
-        record = dict(index=obj.index, prompt=obj.prompt, seed=obj.seed)
-        record.update(export_object(obj.mesh, obj.field, out_dir / f"{stem}.{file_format}", rgb=obj.vertex_colors,
-                                    device=device, dtype=dtype, timer=timer, file_format=file_format, faces=faces,
-                                    asset=asset, uv_texture=uv_texture, texture_size=texture_size, material=material))
-        if obj.gaussians is not None:
-            from renderers.gaussian_ply import write_gaussian_ply
+    device = torch.device(device)
+    stem = f"{obj.index:04d}_{slugify(obj.prompt)}"
+    record = dict(index=obj.index, prompt=obj.prompt, seed=obj.seed)
+    record.update(export_object(obj.mesh, obj.field, out_dir / f"{stem}.{file_format}", rgb=obj.vertex_colors,
+                                device=device, dtype=dtype, timer=timer, file_format=file_format, faces=faces,
+                                asset=asset, uv_texture=uv_texture, texture_size=texture_size, material=material))
+    if obj.gaussians is not None:
+        from renderers.gaussian_ply import write_gaussian_ply
 
-            with timer("export", device):
-                splat_path = out_dir / f"{stem}_gaussians.ply"
-                write_gaussian_ply(splat_path, obj.gaussians)
-            record.update(gaussians_file=splat_path.name, gaussians=obj.gaussians.num_gaussians,
-                          sh_degree=obj.gaussians.sh_degree)
-        records.append(record)
-    return records
+        with timer("export", device):
+            splat_path = out_dir / f"{stem}_gaussians.ply"
+            write_gaussian_ply(splat_path, obj.gaussians)
+        record.update(gaussians_file=splat_path.name, gaussians=obj.gaussians.num_gaussians,
+                      sh_degree=obj.gaussians.sh_degree)
+    return record
 
 
 def generate_meshes(
@@ -315,15 +374,18 @@ def generate_meshes(
     progress: bool = True,
     faces: int | None = None,
     asset: AssetSettings | bool | None = None,
+    export_thread: bool | None = None,
 ) -> list[dict]:
-    """`generate` then `export_generation`, `batch_size` prompts at a time, into `out_dir`; one manifest record
-    per prompt (the Gaussian PLY's too, for a student with Gaussians).
+    """`iter_generate` then `export_generated` per object, `batch_size` prompts at a time, into `out_dir`; one
+    manifest record per prompt, in order (the Gaussian PLY's too, for a student with Gaussians).
 
     Prompt i uses noise `student.make_noise(1, seed=seed + i)`. `empty_surface` is the marching-cubes
     fallback when an SDF has no zero crossing ("unit_sphere" as the released pipeline, or "error").
     faces: decimate to this many faces before a vertex-colour / `uv_texture` export. asset: `AssetSettings`
     (True: the defaults) for a game-ready PBR asset (glb / obj): decimate, unwrap, bake albedo + normal map;
-    its record gets "asset" (stats, distances, seconds per stage).
+    its record gets "asset" (stats, distances, seconds per stage). export_thread: write the files in one
+    background thread while the networks and marching cubes go on with the next objects (None: on CUDA only;
+    on a 2-core CPU the two compete for the same cores, see README).
     """
     prompts = validate_prompts(list(prompts))
     asset = AssetSettings() if asset is True else (asset or None)
@@ -336,15 +398,28 @@ def generate_meshes(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = timer if timer is not None else StageTimer()
-    records: list[dict] = []
+    if export_thread is None:
+        export_thread = student.device.type == "cuda"
+    export = dict(file_format=file_format, uv_texture=uv_texture, texture_size=texture_size, material=material,
+                  faces=faces, asset=asset, device=student.device, dtype=student.field_dtype, timer=timer)
+    objects = iter_generate(student, prompts, seed=seed, resolution=resolution, batch_size=batch_size,
+                            empty_surface=empty_surface, vertex_colors=asset is None, timer=timer)
     bar = tqdm(total=len(prompts), desc="generating", unit="mesh", disable=not progress)
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        output = generate(student, batch, seed=seed + start, resolution=resolution, batch_size=batch_size,
-                          empty_surface=empty_surface, vertex_colors=asset is None, first_index=start, timer=timer)
-        records += export_generation(output, out_dir, file_format=file_format, uv_texture=uv_texture,
-                                     texture_size=texture_size, material=material, faces=faces, asset=asset, timer=timer)
-        bar.update(len(batch))
+    if not export_thread:
+        records = []
+        for obj in objects:
+            records.append(export_generated(obj, out_dir, **export))
+            bar.update(1)
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prd-export") as pool:
+            pending = []
+            for obj in objects:
+                future = pool.submit(export_generated, obj, out_dir, **export)
+                future.add_done_callback(lambda _: bar.update(1))
+                pending.append(future)
+                if len(pending) > batch_size:  # at most one batch of objects waits in memory
+                    pending[-batch_size - 1].result()
+            records = [future.result() for future in pending]
     bar.close()
     return records
 

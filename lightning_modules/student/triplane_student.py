@@ -9,6 +9,10 @@ Every object is 6 latent planes (xy_geo, xz_geo, yz_geo, xy_tex, xz_tex, yz_tex)
 object b owns indices 6b .. 6b+5 and all its planes get object b's text embedding (interleaved).
 Sampling is 4-step DDIM (eta 0) at 999, 749, 499, 249; the result is the x0 prediction of the last step,
 decoded without the VAE scaling factor. Only the adapters, the new VAE conv_out and the MLPs train.
+
+Precision: `student.set_precision(torch.bfloat16)` runs the networks (UNet, VAE decoder, text encoder) in half
+precision while the latents between sampler steps, the DDIM arithmetic and the field (planes, MLPs, grid
+coordinates, mesh vertices) stay in float32 (`latent_dtype`, `field_dtype`).
 """
 
 from __future__ import annotations
@@ -264,7 +268,38 @@ class TriplaneStudent(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the networks (UNet, VAE decoder)."""
         return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype of the noise, the latents between sampler steps and the DDIM arithmetic: the networks'
+        dtype, but at least float32 (at t = 999 the x0 update divides by sqrt(abar) = 0.068, which would
+        amplify bfloat16 rounding of the latents 15 times)."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    def field_modules(self) -> dict[str, nn.Module]:
+        """name -> the modules a decoded field evaluates (the MLPs; a subclass adds its heads)."""
+        return {name: getattr(self, name) for name in _MLP_NAMES if getattr(self, name) is not None}
+
+    @property
+    def field_dtype(self) -> torch.dtype:
+        """The dtype of the field: its planes, MLPs, grid points and mesh vertices."""
+        return next(self.sdf_network.parameters()).dtype
+
+    def set_precision(self, dtype: torch.dtype) -> TriplaneStudent:
+        """Networks (UNet, VAE decoder, text encoder) in `dtype`; the field modules in `dtype` but at least float32.
+
+        The field stays in float32 because its inputs are coordinates: in bfloat16 the 160^3 grid points near
+        the box's faces round to multiples of 1/128, a third of a grid cell, and so would the mesh vertices.
+        Its MLPs are a small share of the work. Returns the student."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            if module is not None:
+                module.to(dtype=dtype)
+        field_dtype = torch.promote_types(dtype, torch.float32)
+        for module in self.field_modules().values():
+            module.to(dtype=field_dtype)
+        return self
 
     # ------------------------------------------------------------------------------------- text
 
@@ -349,9 +384,9 @@ class TriplaneStudent(nn.Module):
         else:
             t = t.reshape(())
         eps = self.unet(
-            noisy_latents.flatten(0, 1), t, encoder_hidden_states=cond.to(noisy_latents.dtype)
+            noisy_latents.flatten(0, 1).to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)
         ).sample
-        return eps.view_as(noisy_latents)
+        return eps.view_as(noisy_latents).to(noisy_latents.dtype)
 
     def predict_x0(
         self, noisy_latents: Tensor, timestep: Tensor | int, text_embeddings: Tensor, return_eps: bool = False
@@ -364,16 +399,17 @@ class TriplaneStudent(nn.Module):
         return (x0, eps) if return_eps else x0
 
     def decode(self, latents: Tensor) -> TriplaneField:
-        """Latents `[B, 6, C, h, w]` (no VAE scaling) -> `TriplaneField` with planes `[B, 6, D/2, 8h, 8w]`.
+        """Latents `[B, 6, C, h, w]` (no VAE scaling) -> `TriplaneField` with planes `[B, 6, D/2, 8h, 8w]`
+        in `field_dtype`.
 
         Differentiable w.r.t. the latents, the decoder adapters, conv_out and the MLPs.
         """
         self._check_latents(latents, "latents")
-        z = latents.flatten(0, 1)
+        z = latents.flatten(0, 1).to(next(self.vae.decoder.parameters()).dtype)
         if getattr(self.vae, "post_quant_conv", None) is not None:
             z = self.vae.post_quant_conv(z)
         out = self.vae.decoder(z)  # [6B, D, H, W]
-        triplane_raw = out.view(latents.shape[0], NUM_PLANES, *out.shape[1:])
+        triplane_raw = out.view(latents.shape[0], NUM_PLANES, *out.shape[1:]).to(self.field_dtype)
         return TriplaneField.from_decoder_output(
             triplane_raw,
             self.sdf_network,
@@ -389,15 +425,15 @@ class TriplaneStudent(nn.Module):
         seed: int | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """Gaussian latents `[B, 6, C, h, w]` (sizes from the config). A `seed` draws on the CPU, so the same
-        seed gives the same noise on every device."""
+        """Gaussian latents `[B, 6, C, h, w]` (sizes from the config) in `latent_dtype`. A `seed` draws on the CPU,
+        so the same seed gives the same noise on every device."""
         cfg = self.config
         shape = (batch_size, NUM_PLANES, cfg.latent_channels, cfg.latent_height, cfg.latent_width)
         if seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
         gen_device = generator.device if generator is not None else (device or self.device)
         noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
-        return noise.to(device or self.device, self.dtype)
+        return noise.to(device or self.device, self.latent_dtype)
 
     @torch.no_grad()
     def denoise(
@@ -423,7 +459,7 @@ class TriplaneStudent(nn.Module):
         timesteps = self.sampling_timesteps(num_steps)
         scheduler = self.sample_scheduler
         trace = SamplerTrace(timesteps=timesteps.clone())
-        x = noise.to(self.device, self.dtype)
+        x = noise.to(self.device, self.latent_dtype)  # the DDIM arithmetic in latent_dtype, the UNet in dtype
         emb = text_embeddings.to(self.device, self.dtype)
         x0 = x
         for t in timesteps.tolist():
