@@ -187,20 +187,21 @@ def _table(names: list[str], results: list[dict], device: torch.device) -> None:
     first = results[0]
     teachers = sorted({key for r in results for key in r if key.startswith("teacher/")})
     rows = ["student", "render", *teachers, "backward/teacher", "backward/render", "backward/student", "optimizer", "step"]
-    width = max(14, *(len(n) for n in names))
-    header = f"  {'s / optimizer step':<22}" + "".join(f"{n:>{width}}" for n in names)
+    width = max(10, *(len(n) + 2 for n in names))
+    label = max(22, *(len(row) + 2 for row in rows))
+    header = f"  {'s / optimizer step':<{label}}" + "".join(f"{n:>{width}}" for n in names)
     header += "".join(f"{'ratio ' + str(i + 1):>10}" for i in range(1, len(names)))
     print(header)
     for row in rows:
-        line = f"  {row:<22}" + "".join(f"{r.get(row, 0.0):>{width}.3f}" for r in results)
+        line = f"  {row:<{label}}" + "".join(f"{r.get(row, 0.0):>{width}.3f}" for r in results)
         line += "".join(f"{r.get(row, 0.0) / first[row]:>10.2f}" if first.get(row) else f"{'':>10}" for r in results[1:])
         print(line)
     memory = (("peak_allocated_gb", "peak allocated GB"), ("peak_reserved_gb", "peak reserved GB")) if device.type == "cuda" else (("peak_rss_gb", "peak RSS GB"),)
-    for key, label in (*memory, ("host_ram_gb", "host RAM GB"), ("offload_gb_per_step", "offload GB / step"),
+    for key, text in (*memory, ("host_ram_gb", "host RAM GB"), ("offload_gb_per_step", "offload GB / step"),
                        ("frozen_teacher_gb", "teacher weights GB"), ("student_gb", "student weights GB"),
                        ("prompts_per_step", "prompts / step")):  # fmt: skip
-        line = f"  {label:<22}" + "".join(f"{r[key]:>{width}.2f}" for r in results)
-        line += "".join(f"{r[key] / first[key]:>10.2f}" if first[key] else f"{'':>10}" for r in results[1:])
+        line = f"  {text:<{label}}" + "".join(f"{r[key]:>{width}.2f}" for r in results)
+        line += "".join(f"{r[key] / first[key]:>10.2f}" if first[key] else "" for r in results[1:])
         print(line)
 
 

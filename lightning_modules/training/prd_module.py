@@ -342,7 +342,8 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         """Apply gradient checkpointing, autocast and text-encoder sharing to the built student (configure_model
         calls it; call it again after replacing `self.student`)."""
         student = self.student
-        student.enable_gradient_checkpointing(self.gradient_checkpointing)
+        if self.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
         student.set_autocast(self.student_autocast)
         if not self.share_text_encoder or student.text_encoder is None or student.tokenizer is None:
             return
