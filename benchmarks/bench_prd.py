@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/bench_prd.py --which full --device cuda --reference-renders
     .venv/bin/python benchmarks/bench_prd.py --which checkpoint    # full-size checkpoint size only
     .venv/bin/python benchmarks/bench_prd.py --which full --iterations 1 --num-steps 1   # CPU: ~1/4 iteration
+    .venv/bin/python benchmarks/bench_prd.py --which v1 --device cuda        # the three teachers, both v1 configs
+    .venv/bin/python benchmarks/bench_prd.py --which v1 --device cpu --width 0.2 --threads 1   # same, reduced width
 
 Two set-ups, both through `PRDModule.run_prd_batch` (the code `training_step` runs) + one optimizer step:
 
@@ -15,6 +17,12 @@ Two set-ups, both through `PRDModule.run_prd_batch` (the code `training_step` ru
   samples; default on the CPU: 64^3 / 128 px / 64 px so that it finishes), with tiny teachers: the
   analytic `ShapeTeacher` (no weights). It then writes a training checkpoint and prints its size:
   trainable weights + Adan state only.
+
+- "v1": `configs/triplaneturbo_v1.yaml` and `configs/triplaneturbo_v1_24gb.yaml` (or --configs) as configured:
+  their renderers, cameras, batch size, accumulation and memory switches, and their full teacher set (SD 2.1,
+  MVDream, RichDreamer normal-depth, the real teacher classes) with random weights at the true sizes
+  (`benchmarks/prd_models.py`), one optimizer step per iteration; see `benchmarks/prd_models.py` for --width.
+  Each config runs in its own process (peak memory is per process) and a table compares them.
 
 Times (seconds per iteration): student forward (text, UNet, VAE decoder), render forward, teacher
 forward, and the backward pass split by gradient hooks into teacher / render / student parts
@@ -180,7 +188,18 @@ def checkpoint_size(module, directory: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--which", default="demo,full", help="comma list of: demo, full, checkpoint")
+    parser.add_argument("--which", default="demo,full", help="comma list of: demo, full, checkpoint, v1, switches")
+    parser.add_argument("--configs", default="configs/triplaneturbo_v1.yaml,configs/triplaneturbo_v1_24gb.yaml",
+                        help="'v1': comma list of PRD configs (YAML) to compare")
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="'v1': channel multiplier of every network (1: true sizes; e.g. 0.2 on the CPU)")
+    parser.add_argument("--spatial-scale", type=float, default=1.0,
+                        help="'v1': multiplies every spatial size: renders, marching-cubes grid, NeuS patch, the student's "
+                             "latent (planes) and the teachers' input resolutions (e.g. 0.5 on the CPU)")
+    parser.add_argument("--teacher-dtype", default=None,
+                        help="'v1': run every teacher in this dtype instead of the config's (default: the config's on a "
+                             "GPU, float32 on the CPU, whose half-precision kernels are emulated and slow)")
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # 'v1' child process: write results here
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations after the warm-up")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 1; 0 for 'full' on the CPU)")
@@ -198,11 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     which = {w.strip() for w in args.which.split(",") if w.strip()}
-    unknown = which - {"demo", "full", "checkpoint"}
+    unknown = which - {"demo", "full", "checkpoint", "v1", "switches"}
     if unknown:
         parser.error(f"unknown --which entries: {', '.join(sorted(unknown))}")
     print(f"torch {torch.__version__}, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
 
+    if "switches" in which:
+        from benchmarks.bench_prd_v1 import switch_costs
+
+        switch_costs(args, device, repeats=args.iterations + 1)
+    if "v1" in which:
+        from benchmarks.bench_prd_v1 import compare_configs
+
+        compare_configs(args, device)
+    which = which - {"v1", "switches"}
+    if not which:
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "demo" in which:

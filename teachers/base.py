@@ -190,7 +190,11 @@ class Teacher(nn.Module):
         self.offload = offload
         # Not registered as submodules on purpose (see the module docstring).
         self.frozen: dict[str, nn.Module] = {}
+        # frozen name -> what identifies its weights (source, dtype, options), set by `load()` for models other
+        # teachers may load too: `TeacherEnsemble(share_weights=True)` keeps one copy of identical ones.
+        self.frozen_sources: dict[str, tuple] = {}
         self.last_output = None  # the last ScoreDistillationOutput, loss detached (see `record_stats`)
+        self.bytes_moved = 0  # bytes of frozen weights copied between devices so far (offloading; benchmarks)
         self.last_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ frozen models
@@ -208,6 +212,9 @@ class Teacher(nn.Module):
         reaches the network; `prd fit` calls it before any work. (None needed: nothing to check.)"""
 
     def _freeze(self, module: nn.Module) -> nn.Module:
+        """`module` in eval mode, frozen, in the teacher's dtype."""
+        if any(p.is_floating_point() and p.dtype != self.dtype for p in module.parameters()):
+            module = module.to(self.dtype)
         return module.eval().requires_grad_(False)
 
     def frozen_parameters(self) -> Iterator[nn.Parameter]:
@@ -237,7 +244,13 @@ class Teacher(nn.Module):
                     self._move_frozen("cpu")
 
     def _move_frozen(self, device: torch.device | str) -> None:
+        device = torch.device(device)
         for module in self.frozen.values():
+            self.bytes_moved += sum(
+                t.numel() * t.element_size()
+                for t in [*module.parameters(), *module.buffers()]
+                if t.device.type != device.type or (device.index is not None and t.device != device)
+            )
             module.to(device)
 
     # ------------------------------------------------------------------ call

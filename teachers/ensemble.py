@@ -31,9 +31,11 @@ class TeacherEnsemble(nn.Module):
     Args:
         teachers: name -> teacher, or a list (named by each teacher's `name`). The names are the
             loss keys: `{name}` for one render, `{name}/{renderer}` for several.
+        share_weights: teachers that load the same frozen model (same source, dtype and options, e.g. the SD 2.1
+            VAE encoder of MVDream and of the SD teacher) use one copy of it (identical maths, less memory).
     """
 
-    def __init__(self, teachers: Union[dict[str, Teacher], list[Teacher]]) -> None:
+    def __init__(self, teachers: Union[dict[str, Teacher], list[Teacher]], share_weights: bool = True) -> None:
         super().__init__()
         if isinstance(teachers, dict):
             named = dict(teachers)
@@ -55,7 +57,22 @@ class TeacherEnsemble(nn.Module):
             teacher.name = name
         # Registering the teachers is harmless: they hold no parameters or buffers.
         self.teachers = nn.ModuleDict(named)
+        self.share_weights = share_weights
+        self._shared: dict[tuple, nn.Module] = {}  # frozen source -> the one loaded copy
         self.last_weights: dict[str, float] = {}
+
+    def load(self, teacher: Teacher) -> None:
+        """Load `teacher`'s frozen models if needed; with `share_weights`, swap in the copies that an earlier
+        teacher loaded from the same source (the teacher's own copy is dropped)."""
+        if not teacher.is_loaded:
+            teacher.load()
+        if not self.share_weights:
+            return
+        for name, source in teacher.frozen_sources.items():
+            if name not in teacher.frozen:
+                continue
+            shared = self._shared.setdefault(source, teacher.frozen[name])
+            teacher.frozen[name] = shared
 
     def weights(self, step: int) -> dict[str, float]:
         return {name: teacher.weight(step) for name, teacher in self.teachers.items()}
@@ -86,6 +103,7 @@ class TeacherEnsemble(nn.Module):
             weight = self.last_weights[name]
             if weight == 0:
                 continue
+            self.load(teacher)
             for key, loss in teacher(renders, prompts, step, generator).items():
                 losses[key] = weight * loss
         return losses

@@ -133,15 +133,20 @@ class MultiViewTeacher(ScoreDistillationTeacher):
         checkpoint = resolve_checkpoint(
             self.ckpt_path, self.hub_id, self.hub_filename, self.model_label, self.release_info()
         )
-        unet = self.load_multiview_unet(checkpoint)
+        self.use_unet(self.load_multiview_unet(checkpoint), source=str(checkpoint))
+        self.load_extra()
+
+    def use_unet(self, unet, source: str = "the multi-view UNet") -> None:
+        """Install the frozen `MultiViewUNet` and its noise schedule (`load()` calls it with the released weights;
+        benchmarks with random ones of the same sizes, `MultiViewUNet.from_original_config`)."""
         self.prediction_type = unet.schedule.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
-                f"{checkpoint}: prediction type {self.prediction_type!r} is not supported (eps or v)"
+                f"{source}: prediction type {self.prediction_type!r} is not supported (eps or v)"
             )
         self.alphas_cumprod = unet.alphas_cumprod.float()
         self.frozen = {"unet": self._freeze(unet)}
-        self.load_extra()
+        self.frozen_sources = {}
 
     def load_extra(self) -> None:
         """Load models besides the UNet (the VAE for MVDream)."""
@@ -292,11 +297,16 @@ class MVDreamTeacher(MultiViewTeacher):
         check_pipeline(self.vae, f"{self.name} VAE", ("vae",), DEFAULT_SD)
 
     def load_extra(self) -> None:
-        vae = load_vae(self.vae, self.dtype)
+        self.use_vae(load_vae(self.vae, self.dtype))
+
+    def use_vae(self, vae) -> None:
+        """Install the frozen VAE that encodes the renders (its decoder is dropped)."""
         if self.gradient_checkpointing:
             vae.enable_gradient_checkpointing()
-        del vae.decoder  # only the encoder is used
+        if getattr(vae, "decoder", None) is not None:
+            del vae.decoder  # only the encoder is used
         self.frozen["vae"] = self._freeze(vae)
+        self.frozen_sources["vae"] = ("vae-encoder", self.vae, str(self.dtype), self.gradient_checkpointing)
 
     def latents(self, render: RenderOutput, generator: torch.Generator | None) -> Tensor:
         rgb = render_image(render, "rgb", 3, type(self).__name__)

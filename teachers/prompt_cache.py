@@ -170,6 +170,11 @@ class PromptProcessor:
             raise self._missing_weights("weights") from err
         self._text_encoder = encoder.to(self._encoder_device()).eval().requires_grad_(False)
 
+    def use_encoder(self, text_encoder, tokenizer) -> None:
+        """Encode with an already loaded copy of this processor's text encoder and tokenizer (e.g. the student's,
+        when it is the same model) instead of loading a second one; it runs on that copy's device."""
+        self._text_encoder, self._tokenizer = text_encoder, tokenizer
+
     def release(self) -> None:
         """Free the text encoder (it is reloaded if a prompt is ever missing again)."""
         self._text_encoder = None

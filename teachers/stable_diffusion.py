@@ -146,12 +146,17 @@ class StableDiffusionTeacher(ScoreDistillationTeacher):
         except OSError as err:
             raise missing_sd_error(self.pretrained, "UNet") from err
         vae = load_vae(self.pretrained, self.dtype)
-        if self.gradient_checkpointing:
-            vae.enable_gradient_checkpointing()
         try:
             scheduler = DDPMScheduler.from_pretrained(self.pretrained, subfolder="scheduler")
         except OSError as err:
             raise missing_sd_error(self.pretrained, "scheduler config") from err
+        self.use_models(unet, vae, scheduler)
+
+    def use_models(self, unet, vae, scheduler) -> None:
+        """Install the frozen UNet, VAE (its decoder is dropped) and the noise schedule of `scheduler`
+        (`load()` calls it with the pretrained ones; benchmarks with random ones of the same sizes)."""
+        if self.gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
         if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
                 f"{self.pretrained}: prediction_type {scheduler.config.prediction_type!r} is not supported "
@@ -159,8 +164,13 @@ class StableDiffusionTeacher(ScoreDistillationTeacher):
             )
         self.prediction_type = scheduler.config.prediction_type
         self.alphas_cumprod = scheduler.alphas_cumprod.float()
-        del vae.decoder  # only the encoder is used
+        if getattr(vae, "decoder", None) is not None:
+            del vae.decoder  # only the encoder is used
         self.frozen = {"unet": self._freeze(unet), "vae": self._freeze(vae)}
+        self.frozen_sources = {
+            "unet": ("sd-unet", self.pretrained, str(self.dtype)),
+            "vae": ("vae-encoder", self.pretrained, str(self.dtype), self.gradient_checkpointing),
+        }
 
     def select_views(
         self, batch: int, num_views: int, render_index: int, first: Tensor | None, generator, device

@@ -17,6 +17,7 @@ coordinates, mesh vertices) stay in float32 (`latent_dtype`, `field_dtype`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -142,6 +143,8 @@ class TriplaneStudent(nn.Module):
                 f"the student needs an epsilon-prediction base model, got prediction_type "
                 f"{scheduler_config['prediction_type']!r}"
             )
+        # bf16 / fp16 autocast of the UNet and VAE-decoder forwards (training memory; the weights stay in their dtype)
+        self.autocast_dtype: torch.dtype | None = None
         self.noise_scheduler = DDPMScheduler.from_config(scheduler_config)  # training: add_noise
         self.sample_scheduler = DDIMScheduler.from_config(scheduler_config)  # sampling: eta 0
         for name, p in self.named_parameters():
@@ -261,6 +264,19 @@ class TriplaneStudent(nn.Module):
         else:
             self.unet.disable_gradient_checkpointing()
             self.vae.disable_gradient_checkpointing()
+
+    def set_autocast(self, dtype: torch.dtype | None) -> None:
+        """Run the UNet and VAE-decoder forwards under `torch.autocast(dtype)` (None: off). Their outputs are cast
+        back to the weights' dtype, so the triplanes, the MLPs and everything after stay in it (float32 master
+        weights with bfloat16 matmuls / convolutions)."""
+        if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"student autocast dtype must be bfloat16, float16 or None, got {dtype}")
+        self.autocast_dtype = dtype
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:  # not autocast(enabled=False): that would switch off an outer autocast
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     @property
     def device(self) -> torch.device:
@@ -383,10 +399,11 @@ class TriplaneStudent(nn.Module):
             t = self._timesteps_per_object(t, b, noisy_latents.device).repeat_interleave(NUM_PLANES)
         else:
             t = t.reshape(())
-        eps = self.unet(
-            noisy_latents.flatten(0, 1).to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)
-        ).sample
-        return eps.view_as(noisy_latents).to(noisy_latents.dtype)
+        with self._autocast(noisy_latents.device):
+            eps = self.unet(
+                noisy_latents.flatten(0, 1).to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)
+            ).sample
+        return eps.to(noisy_latents.dtype).view_as(noisy_latents)
 
     def predict_x0(
         self, noisy_latents: Tensor, timestep: Tensor | int, text_embeddings: Tensor, return_eps: bool = False
@@ -406,9 +423,10 @@ class TriplaneStudent(nn.Module):
         """
         self._check_latents(latents, "latents")
         z = latents.flatten(0, 1).to(next(self.vae.decoder.parameters()).dtype)
-        if getattr(self.vae, "post_quant_conv", None) is not None:
-            z = self.vae.post_quant_conv(z)
-        out = self.vae.decoder(z)  # [6B, D, H, W]
+        with self._autocast(latents.device):
+            if getattr(self.vae, "post_quant_conv", None) is not None:
+                z = self.vae.post_quant_conv(z)
+            out = self.vae.decoder(z)  # [6B, D, H, W]
         triplane_raw = out.view(latents.shape[0], NUM_PLANES, *out.shape[1:]).to(self.field_dtype)
         return TriplaneField.from_decoder_output(
             triplane_raw,

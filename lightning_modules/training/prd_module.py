@@ -87,6 +87,33 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 DEFAULT_BASE = "stabilityai/stable-diffusion-2-1-base"
 
 
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+def _autocast_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or str(name).lower() in ("none", "null", "false", "32", "float32"):
+        return None
+    if str(name).lower() not in _AUTOCAST_DTYPES:
+        raise TrainingSettingsError(f"student_autocast must be bfloat16, float16 or null, got {name!r}")
+    return _AUTOCAST_DTYPES[str(name).lower()]
+
+
+def _sdpa_backends(name: str | None) -> list | None:
+    """`torch.nn.attention.SDPBackend`s for a comma list of kernel names (None / "auto": PyTorch's choice)."""
+    if name is None or str(name).lower() == "auto":
+        return None
+    from torch.nn.attention import SDPBackend
+
+    chosen = [part.strip().lower() for part in str(name).split(",") if part.strip()]
+    unknown = [part for part in chosen if part not in _SDPA_BACKENDS]
+    if unknown or not chosen:
+        raise TrainingSettingsError(f"attention_backend {name!r}: use auto or a comma list of {', '.join(_SDPA_BACKENDS)}")
+    members = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return [members[part] for part in chosen]
+
+
 def recorded_base(base: str) -> str:
     """How a student records its base: the absolute path of a local folder, else the hub id as given."""
     path = Path(base).expanduser()
@@ -114,6 +141,14 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
             `triplane_turbo_sd_v1.pth`) or an own export (`save_pretrained` directory / model.safetensors).
             Ignored in effect when resuming with `--ckpt_path` (the checkpoint's weights win).
         gradient_checkpointing: recompute the student's UNet / VAE-decoder activations in backward.
+        student_autocast: "bfloat16" (or "float16"): the student's UNet and VAE-decoder forwards under
+            `torch.autocast` of that dtype, weights, optimizer and everything after the decoder in float32.
+            None: plain float32 (reference).
+        attention_backend: the `scaled_dot_product_attention` kernels every attention of a PRD batch may use
+            ("flash", "efficient", "cudnn", "math"; None: PyTorch's choice). All attention (student, joint
+            6-plane, VAE, teachers, cross-view) goes through SDPA.
+        share_text_encoder: teachers whose text encoder is the student's base (SD 2.1 for MVDream and SD) encode
+            prompts with the student's frozen text encoder instead of loading a second copy (identical maths).
         background: a background module shared by every renderer (e.g. the learned
             `renderers.TextConditionedBackground`; its parameters train); None: each renderer's own.
         render_resolution: render size in pixels (square), one for all renderers or name -> size
@@ -149,6 +184,9 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         student_config: Union[dict, str, None] = None,
         init_weights: str | None = None,
         gradient_checkpointing: bool = False,
+        student_autocast: str | None = None,
+        attention_backend: str | None = None,
+        share_text_encoder: bool = True,
         background: nn.Module | None = None,
         render_resolution: Union[int, dict[str, int]] = 128,
         cameras: CameraSampling | None = None,
@@ -182,6 +220,9 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         self.student_config = resolve_student_config(student_config)  # parsed now: config errors surface early
         self.init_weights = init_weights
         self.gradient_checkpointing = gradient_checkpointing
+        self.student_autocast = _autocast_dtype(student_autocast)
+        self.attention_backends = _sdpa_backends(attention_backend)
+        self.share_text_encoder = share_text_encoder
         self.num_steps = num_steps
         self.cameras = as_dataclass(CameraSampling, cameras)
         self.validation = as_dataclass(ValidationSettings, validation)
@@ -293,10 +334,25 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         # The student records the base it is trained on (config.json of its exports, the checkpoints'
         # student_config), so that `prd generate --weights ...` finds it without --base.
         student.config = replace(student.config, base_model_name_or_path=recorded_base(self.base))
+        self.student = student.train()  # from_pretrained returns it in eval mode; Lightning keeps modes as found
+        self.apply_memory_settings()
+        self._check_background_width()
+
+    def apply_memory_settings(self) -> None:
+        """Apply gradient checkpointing, autocast and text-encoder sharing to the built student (configure_model
+        calls it; call it again after replacing `self.student`)."""
+        student = self.student
         if self.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        self.student = student.train()  # from_pretrained returns it in eval mode; Lightning keeps modes as found
-        self._check_background_width()
+        student.set_autocast(self.student_autocast)
+        if not self.share_text_encoder or student.text_encoder is None or student.tokenizer is None:
+            return
+        for teacher in self.teachers.teachers.values():
+            if getattr(teacher, "text_encoder", None) is None or not hasattr(teacher, "prompt_processor"):
+                continue
+            processor = teacher.prompt_processor
+            if recorded_base(teacher.text_encoder) == recorded_base(self.base) and processor.dtype == student.dtype:
+                processor.use_encoder(student.text_encoder, student.tokenizer)
 
     def check_inputs(self, check_base: bool = True) -> None:
         """One-line errors for weights that are not on this machine, before anything loads (`prd fit` calls it up
@@ -379,6 +435,23 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         return sum((p.sum() for p in self.trainable_parameters()), torch.zeros((), device=self.student.device)) * 0.0
 
     def run_prd_batch(
+        self,
+        batch: Mapping[str, Any],
+        step: int,
+        backward: Callable[[Tensor, bool], None] | None = None,
+        loss_scale: float = 1.0,
+        sync_last: bool = True,
+        split_backward: bool = False,
+    ) -> PRDBatchResult:
+        """`_run_prd_batch` (below) with the configured attention kernels."""
+        if self.attention_backends is None:
+            return self._run_prd_batch(batch, step, backward, loss_scale, sync_last, split_backward)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self.attention_backends):
+            return self._run_prd_batch(batch, step, backward, loss_scale, sync_last, split_backward)
+
+    def _run_prd_batch(
         self,
         batch: Mapping[str, Any],
         step: int,
