@@ -112,19 +112,23 @@ def time_networks(student, emb, noise, repeats: int, adapters: bool) -> tuple[fl
 
 def time_mesh_extraction(field, resolution: int, repeats: int = 1) -> dict[str, float]:
     """"marching cubes + grid SDF": best seconds of `renderers.marching_cubes.extract_mesh` on a field of one
-    object (the grid SDF at `resolution`^3, the topology, the vertex positions), by variant. Variants (dense vs
-    coarse-to-fine, extractors) are added here as the marching cubes gain them."""
+    object (the grid SDF at `resolution`^3, the topology, the vertex positions), dense (every grid vertex through
+    the field) and coarse to fine (the default: exact values only where interval bounds leave the sign open;
+    `benchmarks/bench_marching_cubes.py` compares the two on more fields)."""
     from renderers.marching_cubes import extract_mesh
 
     device = field.device
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        extract_mesh(field, batch_size=1, resolution=resolution)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return {"dense": best}
+    result = {}
+    for name, coarse_to_fine in (("dense", False), ("coarse to fine", True)):
+        best = float("inf")
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            extract_mesh(field, batch_size=1, resolution=resolution, coarse_to_fine=coarse_to_fine)
+            sync(device)
+            best = min(best, time.perf_counter() - start)
+        result[name] = best
+    return result
 
 
 def peak_memory(device: torch.device) -> str:

@@ -59,6 +59,20 @@ def test_cli_writes_meshes_that_load_back(tmp_path, capsys, ref_weights, student
         assert np.abs(got - expected_rgb).max() <= 0.5 / 255 + 1e-6
 
 
+def test_dense_grid_writes_the_same_meshes(tmp_path, capsys, ref_weights):
+    outs = {}
+    for flag in ([], ["--dense-grid"]):
+        out = tmp_path / ("dense" if flag else "coarse")
+        code, _, _ = _run([*PROMPTS, "--weights", str(ref_weights), "--out", str(out), "--resolution", "32",
+                           "--no-progress", "--format", "ply", *flag], capsys)
+        assert code == 0
+        outs[bool(flag)] = [load_mesh(out / r["file"]) for r in json.loads((out / "manifest.json").read_text())["meshes"]]
+    for coarse, dense in zip(outs[False], outs[True], strict=True):
+        assert len(coarse.faces) > 0
+        np.testing.assert_array_equal(coarse.faces, dense.faces)
+        np.testing.assert_array_equal(coarse.vertices, dense.vertices)
+
+
 def test_meshes_do_not_depend_on_batch_size(tmp_path, student):
     a = generate_meshes(student, PROMPTS, tmp_path / "a", seed=3, resolution=24, batch_size=1, progress=False)
     b = generate_meshes(student, PROMPTS, tmp_path / "b", seed=3, resolution=24, batch_size=2, progress=False)

@@ -1,7 +1,7 @@
 """`prd generate`: prompts -> coloured meshes with a trained TriplaneTurbo student.
 
     prd generate "a prompt" ["another" ... | --prompts-file F] --out DIR [--seed N]
-                 [--format glb|obj|ply] [--base ...] [--weights ...] [--resolution 160]
+                 [--format glb|obj|ply] [--base ...] [--weights ...] [--resolution 160] [--dense-grid]
                  [--batch-size N] [--uv-texture] [--device auto|cpu|cuda] [--dtype float32|float16|bfloat16]
                  [--compile [--compile-mode MODE]] [--channels-last] [--export-thread auto|on|off]
                  [--asset [--faces 20000] [--texture-size 1024] [--roughness 1]] [--faces N]
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help=f"SD directory or hub id (default: from config.json, else {DEFAULT_BASE})")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="TriplaneTurbo weights: file, folder or hub id")
     p.add_argument("--resolution", type=int_at_least(4, 1024), default=160, help="marching-cubes grid vertices per axis")
+    p.add_argument("--dense-grid", action="store_true",
+                   help="evaluate the SDF at every grid vertex instead of coarse to fine (the same mesh, slower)")
     p.add_argument("--batch-size", type=int_at_least(1), default=4)
     p.add_argument("--uv-texture", action="store_true", help="unwrap with xatlas and bake a texture (glb / obj)")
     p.add_argument("--texture-size", type=int_at_least(16, 16384), default=1024,
@@ -160,6 +162,7 @@ def main(argv: list[str]) -> int:
         material=args.material, faces=None if asset else args.faces, asset=asset,
         empty_surface=args.empty_surface, timer=timer, progress=not args.no_progress,
         export_thread=None if args.export_thread == "auto" else args.export_thread == "on",
+        coarse_to_fine=not args.dense_grid,
     )
     wall_seconds = time.perf_counter() - start
     manifest = dict(

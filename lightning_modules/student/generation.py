@@ -251,6 +251,7 @@ def iter_generate(
     vertex_colors: bool = True,
     first_index: int = 0,
     timer: StageTimer | None = None,
+    coarse_to_fine: bool = True,
 ) -> Iterator[GeneratedObject]:
     """Prompts -> objects, yielded one by one, in order, as soon as each object's mesh is done; writes nothing.
 
@@ -259,7 +260,9 @@ def iter_generate(
     (`first_index + i`) is drawn from noise `student.make_noise(1, seed=seed + i)`, so it does not depend on the
     batch. Every object gets its marching-cubes mesh (`resolution`^3 grid; `empty_surface`: "unit_sphere" as
     the released pipeline, or "error") with its vertex colours, and its Gaussians when the student's field
-    offers `gaussians()` (`TriplaneGaussianStudent`). `timer` collects the seconds per stage.
+    offers `gaussians()` (`TriplaneGaussianStudent`). `timer` collects the seconds per stage. `coarse_to_fine`:
+    the grid SDF is evaluated exactly only near the surface (`extract_mesh`; False: at every grid vertex, the same
+    mesh).
     """
     prompts = validate_prompts(list(prompts))
     timer = timer if timer is not None else StageTimer()
@@ -277,7 +280,8 @@ def iter_generate(
             with timer("mesh extraction", device):
                 obj = object_field(field_batch, i)
                 try:
-                    (mesh,) = extract_mesh(obj, batch_size=1, resolution=resolution, empty_fallback=empty_surface)
+                    (mesh,) = extract_mesh(obj, batch_size=1, resolution=resolution, empty_fallback=empty_surface,
+                                           coarse_to_fine=coarse_to_fine)
                 except EmptySurfaceError as err:
                     raise UserError(f"{err} (prompt {index + 1})") from None
                 colors = obj.color(mesh.vertices[None].to(device, dtype))[0] if vertex_colors else None
@@ -295,13 +299,14 @@ def generate(
     vertex_colors: bool = True,
     first_index: int = 0,
     timer: StageTimer | None = None,
+    coarse_to_fine: bool = True,
 ) -> GenerationOutput:
     """Prompts -> objects in memory, all at once (`iter_generate` streams them); writes nothing
     (`export_generation` writes them). The output holds the seconds per stage, and the device and the dtype
     where the fields are evaluated (`student.field_dtype`)."""
     timer = timer if timer is not None else StageTimer()
     objects = list(iter_generate(student, prompts, seed, resolution, batch_size, empty_surface, vertex_colors,
-                                 first_index, timer))
+                                 first_index, timer, coarse_to_fine))
     return GenerationOutput(objects, dict(timer.seconds), student.device, student.field_dtype)
 
 
@@ -375,6 +380,7 @@ def generate_meshes(
     faces: int | None = None,
     asset: AssetSettings | bool | None = None,
     export_thread: bool | None = None,
+    coarse_to_fine: bool = True,
 ) -> list[dict]:
     """`iter_generate` then `export_generated` per object, `batch_size` prompts at a time, into `out_dir`; one
     manifest record per prompt, in order (the Gaussian PLY's too, for a student with Gaussians).
@@ -385,7 +391,7 @@ def generate_meshes(
     (True: the defaults) for a game-ready PBR asset (glb / obj): decimate, unwrap, bake albedo + normal map;
     its record gets "asset" (stats, distances, seconds per stage). export_thread: write the files in one
     background thread while the networks and marching cubes go on with the next objects (None: on CUDA only;
-    on a 2-core CPU the two compete for the same cores, see README).
+    on a 2-core CPU the two compete for the same cores, see README). coarse_to_fine: see `iter_generate`.
     """
     prompts = validate_prompts(list(prompts))
     asset = AssetSettings() if asset is True else (asset or None)
@@ -403,7 +409,8 @@ def generate_meshes(
     export = dict(file_format=file_format, uv_texture=uv_texture, texture_size=texture_size, material=material,
                   faces=faces, asset=asset, device=student.device, dtype=student.field_dtype, timer=timer)
     objects = iter_generate(student, prompts, seed=seed, resolution=resolution, batch_size=batch_size,
-                            empty_surface=empty_surface, vertex_colors=asset is None, timer=timer)
+                            empty_surface=empty_surface, vertex_colors=asset is None, timer=timer,
+                            coarse_to_fine=coarse_to_fine)
     bar = tqdm(total=len(prompts), desc="generating", unit="mesh", disable=not progress)
     if not export_thread:
         records = []
