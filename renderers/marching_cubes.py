@@ -265,8 +265,9 @@ class DeformableMarchingCubes(nn.Module):
             CUDA included; PyMCubes' table, so the same mesh), "mcubes" (PyMCubes, CPU) or "skimage"
             (scikit-image, CPU).
         coarse_to_fine: read the grid through the field's `grid_sdf` when it has one (`TriplaneField`: exact
-            values only in a shell around the surface, the sign proven elsewhere; the same mesh as the dense grid,
-            about 10x fewer MLP evaluations at 160^3); False evaluates every grid vertex.
+            values only in a shell around the surface, the sign proven elsewhere; the same mesh as the dense grid;
+            how thin the shell is depends on how tight the bounds are for the field, see README); False
+            evaluates every grid vertex.
 
     `forward(field, batch_size)` returns one `TriangleMesh` per object (a list of length B).
     """
