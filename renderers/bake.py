@@ -17,6 +17,8 @@ it. Images are [size, size, C] with row 0 at v = 1 (the top of the picture, as i
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +126,26 @@ def to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
 
 
+TEXEL_CHUNK = 32_768  # texels per task: FieldSampler's chunk, and small enough to stay in a 2-core CPU's caches
+
+
+@contextmanager
+def single_torch_thread_pool(workers: int):
+    """A thread pool of `workers` threads that run with one torch thread each (restored on exit), or None for
+    one worker: numpy and torch release the GIL on these arrays, so texel
+    chunks on threads use the cores better than torch's own threads on small, memory-bound operations."""
+    if workers <= 1:
+        yield None
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
 def bake_maps(
     positions: np.ndarray,
     normals: np.ndarray,
@@ -133,37 +155,67 @@ def bake_maps(
     size: int,
     color_fn: ColorFn,
     sdf_fn: SdfFn | None = None,
+    workers: int | None = None,
 ) -> BakedMaps:
     """Bake albedo (and with `sdf_fn` a tangent-space normal map) into `size`^2 textures.
 
     positions, normals: [M, 3] per atlas vertex (normals unit, as written to the file); tangents: [M, 4]
     (`vertex_tangents`, needed with sdf_fn); uvs: [M, 2] in [0, 1], v up; faces: [F, 3].
     color_fn: points [K, 3] -> RGB [K, 3] in [0, 1]; sdf_fn: points [K, 3] -> (sdf [K], gradient [K, 3]).
+    workers: threads over chunks of `TEXEL_CHUNK` texels, each texel baked from its chunk alone (default: torch's
+    thread count; the maps do not depend on it, bit for bit); color_fn and sdf_fn are called from them.
     """
-    face_ids, bary = rasterize_uv(uvs, faces, size)  # row 0 = v = 0
-    face_ids, bary = face_ids[::-1], bary[::-1]  # row 0 = v = 1
-    coverage = face_ids >= 0
-    nearest = nearest_covered(coverage)  # the gutter fill of both maps
-    ids, weights = face_ids[coverage], bary[coverage]  # [K], [K, 3]
-    points = np.einsum("kc,kcd->kd", weights, positions[faces[ids]])
-    normal_image = None
-    if sdf_fn is not None:
-        if tangents is None:
-            raise ValueError("a normal map needs the vertex tangents")
-        sdf, gradient = sdf_fn(points)
-        squared = np.maximum(np.einsum("ij,ij->i", gradient, gradient), 1e-12)
-        points = points - (sdf / squared)[:, None] * gradient  # one Newton step onto the field's surface
-        field_normals = _unit(gradient, fallback=(0.0, 0.0, 0.0))
-        frame = tangent_frames(normals, tangents, faces, ids, weights)
-        flat = np.linalg.norm(field_normals, axis=1) < 0.5  # no gradient: keep the mesh normal
-        field_normals[flat] = frame[2][flat]
-        encoded = np.zeros((size, size, 3), np.float64)
-        encoded[..., 2] = 1.0
-        encoded[coverage] = to_tangent_space(field_normals, frame)
-        normal_image = to_uint8(fill_gutters((encoded + 1.0) / 2.0, coverage, nearest))
-    albedo = np.zeros((size, size, 3), np.float64)
-    albedo[coverage] = np.asarray(color_fn(points), np.float64)
-    return BakedMaps(to_uint8(fill_gutters(albedo, coverage, nearest)), normal_image, coverage)
+    if sdf_fn is not None and tangents is None:
+        raise ValueError("a normal map needs the vertex tangents")
+    workers = workers or torch.get_num_threads()
+    with single_torch_thread_pool(workers) as pool:
+        face_ids, bary = rasterize_uv(uvs, faces, size, pool, workers)  # row 0 = v = 0
+        face_ids, bary = face_ids[::-1], bary[::-1]  # row 0 = v = 1
+        coverage = face_ids >= 0
+        # texels in face order: a chunk's points are then neighbours on the surface (the faces of a marching-cubes
+        # mesh, decimated or not, come in scan order), so the field's plane lookups stay in cache
+        order = np.argsort(face_ids[coverage], kind="stable")
+        ids, weights = face_ids[coverage][order], bary[coverage][order]  # [K], [K, 3]
+
+        def bake_texels(start: int) -> tuple[np.ndarray, np.ndarray | None]:
+            """Albedo [k, 3] and encoded tangent-space normals [k, 3] (or None) of texels start : start + k."""
+            chunk_ids, chunk_weights = ids[start:start + TEXEL_CHUNK], weights[start:start + TEXEL_CHUNK]
+            points = np.einsum("kc,kcd->kd", chunk_weights, positions[faces[chunk_ids]])
+            encoded = None
+            if sdf_fn is not None:
+                sdf, gradient = sdf_fn(points)
+                squared = np.maximum(np.einsum("ij,ij->i", gradient, gradient), 1e-12)
+                points = points - (sdf / squared)[:, None] * gradient  # one Newton step onto the field's surface
+                field_normals = _unit(gradient, fallback=(0.0, 0.0, 0.0))
+                frame = tangent_frames(normals, tangents, faces, chunk_ids, chunk_weights)
+                flat = np.linalg.norm(field_normals, axis=1) < 0.5  # no gradient: keep the mesh normal
+                field_normals[flat] = frame[2][flat]
+                encoded = to_uint8((to_tangent_space(field_normals, frame) + 1.0) / 2.0)
+            return to_uint8(np.asarray(color_fn(points), np.float64)), encoded
+
+        def image(values: list, empty: tuple[float, float, float]) -> np.ndarray:
+            """[T, T, 3] uint8: the texels' values, `empty` where no texel was baked (no coverage), the nearest
+            texel's value in the gutters."""
+            texels = np.empty((len(order), 3), np.uint8)
+            if values:
+                texels[order] = np.concatenate(values)
+            out = np.empty((size, size, 3), np.uint8)
+            out[...] = to_uint8(np.asarray(empty))
+            out[coverage] = texels
+            return fill_gutters(out, coverage, nearest)
+
+        starts = range(0, len(ids), TEXEL_CHUNK)
+        if pool is None:
+            nearest, parts = nearest_covered(coverage), [bake_texels(start) for start in starts]
+        else:
+            nearest_task = pool.submit(nearest_covered, coverage)  # the gutter fill of both maps
+            parts = list(pool.map(bake_texels, starts))
+            nearest = nearest_task.result()
+        albedo_values, normal_values = [colour for colour, _ in parts], [encoded for _, encoded in parts]
+        albedo_task = None if pool is None else pool.submit(image, albedo_values, (0.0, 0.0, 0.0))
+        normal_image = None if sdf_fn is None else image(normal_values, (0.5, 0.5, 1.0))
+        albedo = image(albedo_values, (0.0, 0.0, 0.0)) if albedo_task is None else albedo_task.result()
+    return BakedMaps(albedo, normal_image, coverage)
 
 
 class FieldSampler:
@@ -190,18 +242,9 @@ class FieldSampler:
     def _map(self, fn, points: np.ndarray) -> list:
         """`fn` over the chunks of `points`, in order: on the CPU by `workers` threads of one torch thread each."""
         chunks = self._chunks(points)
-        workers = min(self.workers or torch.get_num_threads(), len(chunks))
-        if self.device.type != "cpu" or workers <= 1:
-            return [fn(c) for c in chunks]
-        from concurrent.futures import ThreadPoolExecutor
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                return list(pool.map(fn, chunks))
-        finally:
-            torch.set_num_threads(threads)
+        workers = min(self.workers or torch.get_num_threads(), len(chunks)) if self.device.type == "cpu" else 1
+        with single_torch_thread_pool(workers) as pool:
+            return [fn(c) for c in chunks] if pool is None else list(pool.map(fn, chunks))
 
     def color(self, points: np.ndarray) -> np.ndarray:
         """[K, 3] points -> [K, 3] RGB clamped to [0, 1]."""

@@ -139,3 +139,48 @@ def test_field_sampler_threads_give_the_chunks_in_order():
     for a, b in zip(one.sdf(points), two.sdf(points), strict=True):
         np.testing.assert_array_equal(a, b)
     assert torch.get_num_threads() == threads  # restored after the threaded evaluation
+
+
+def test_bake_on_threads_equals_one_thread_bit_for_bit(monkeypatch):
+    """Texel chunks baked on 2 threads (and the UV layout rasterised in 2 face groups) give the maps of one
+    thread, bit for bit; small chunks so that both threads get several."""
+    import renderers.bake as bake
+
+    monkeypatch.setattr(bake, "TEXEL_CHUNK", 1000)
+    vertices, faces = icosphere(2)
+    vertices = vertices * (1 + 0.05 * np.sin(7 * vertices[:, :1]))  # not a sphere: the Newton step matters
+    size = 96
+    atlas = unwrap(vertices, faces, size)
+    positions = vertices[atlas.vertex_map]
+    normals = unit_vertex_normals(vertices, faces)[atlas.vertex_map]
+    tangents = vertex_tangents(positions, normals, atlas.uvs, atlas.faces)
+    args = (positions, normals, tangents, atlas.uvs, atlas.faces, size, _position_colour, _sphere_sdf)
+    one, two = bake_maps(*args, workers=1), bake_maps(*args, workers=2)
+    assert one.coverage.sum() > 3 * 1000
+    np.testing.assert_array_equal(one.coverage, two.coverage)
+    np.testing.assert_array_equal(one.albedo, two.albedo)
+    np.testing.assert_array_equal(one.normal, two.normal)
+
+
+def test_unwrap_in_slabs_keeps_the_faces_and_packs_the_charts_without_overlap():
+    """A mesh charted in slabs (here 5 of 64 faces): the same triangles in the same order, every slab's charts in
+    one atlas, no texel claimed by two triangles, and the albedo bake is as exact as with one slab."""
+    from renderers.uv_atlas import _slabs
+    from renderers.uv_bake import _covered_texels
+
+    vertices, faces = icosphere(2)
+    size = 128
+    slabs = _slabs(vertices, faces, 64)
+    assert len(slabs) == 5 and sorted(np.concatenate(slabs)) == list(range(len(faces)))
+    atlas = unwrap(vertices, faces, size, part_faces=64)
+    positions = vertices[atlas.vertex_map]
+    np.testing.assert_allclose(positions[atlas.faces], vertices[faces])  # same triangles, same order
+    assert (atlas.uvs >= 0).all() and (atlas.uvs <= 1).all()
+    rows, cols, face_of, _ = _covered_texels(atlas.uvs[atlas.faces] * size - 0.5, size, 0, len(faces))
+    texels = rows * size + cols
+    assert len(np.unique(texels)) > 0.99 * len(texels)  # only texel centres on a shared edge count twice
+    assert len(np.unique(face_of)) > 0.95 * len(faces)
+    normals = unit_vertex_normals(vertices, faces)[atlas.vertex_map]
+    maps = bake_maps(positions, normals, None, atlas.uvs, atlas.faces, size, _position_colour)
+    rows, cols, points = _texel_points(atlas.uvs, atlas.faces, positions, size)
+    np.testing.assert_allclose(maps.albedo[rows, cols] / 255.0, _position_colour(points), atol=0.5 / 255 + 1e-9)

@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import trimesh
@@ -67,6 +69,12 @@ def test_rasterize_uv_covers_triangles_exactly():
     # barycentric interpolation of the uv corners reproduces the texel centres
     uv_rec = (uvs[faces[ids]] * bary[..., None]).sum(-2)
     np.testing.assert_allclose(uv_rec, np.stack([(xs + 0.5) / 16, (ys + 0.5) / 16], -1), atol=1e-9)
+    # two face groups on two threads: the same maps, a texel on the shared diagonal to the later face as before
+    with ThreadPoolExecutor(2) as pool:
+        ids_2, bary_2 = rasterize_uv(uvs, faces, 16, pool, groups=2)
+    np.testing.assert_array_equal(ids_2, ids)
+    np.testing.assert_array_equal(bary_2, bary)
+    assert (ids[xs + ys == 15] == 1).all()
 
 
 def test_uv_texture_export_bakes_color_fn(tmp_path):
