@@ -15,10 +15,12 @@ import yaml
 from lightning_modules.demo.cpu_demo import build_parser, main
 from lightning_modules.demo.tiny_models import (
     DEMO_BASE_MARKER,
+    DEMO_UNET,
     SHIPPED_DEMO_UNET,
     SHIPPED_DEMO_UNET_SETTINGS,
     DemoBaseExistsError,
     build_demo_base,
+    make_tiny_sd,
     toy_latent_images,
 )
 from tests.prd_helpers import PRD_WARNING_FILTERS, single_thread  # noqa: F401  (fixture)
@@ -79,8 +81,11 @@ def test_demo_base_pretraining_makes_the_unet_a_denoiser_and_is_reused(tmp_path)
 
 def test_make_demo_uses_the_shipped_unet_which_the_pretraining_reproduces(tmp_path):
     """`make demo` loads the shipped pretrained UNet instead of spending ~80 s pretraining it: its settings are
-    the demo's, and pretraining anew with them gives the same weights (bit for bit on the machine that made the
-    file; the tolerance leaves room for another CPU's float32 rounding over 600 AdamW steps)."""
+    the demo's, and pretraining anew with them lands where the shipped weights are: bit for bit on the machine
+    that made the file; on another CPU (other SIMD kernels, so other float32 rounding over 600 AdamW steps) within
+    a few per cent of how far the pretraining moves the weights from their initialisation (measured on an
+    AVX-512 machine against the AVX2 one that made the file: 0.6 % overall, 3.1 % for the worst tensor; another
+    seed or other settings land about 140 % away)."""
     from safetensors.torch import load_file
 
     shipped_settings = json.loads(SHIPPED_DEMO_UNET_SETTINGS.read_text())
@@ -105,9 +110,18 @@ def test_make_demo_uses_the_shipped_unet_which_the_pretraining_reproduces(tmp_pa
             assert (loaded / file).read_bytes() == (pretrained / file).read_bytes(), file
     ours = load_file(next((pretrained / "unet").glob("*.safetensors")))
     theirs = load_file(SHIPPED_DEMO_UNET)
-    assert ours.keys() == theirs.keys()
-    for key, value in theirs.items():
-        torch.testing.assert_close(ours[key], value, rtol=0.0, atol=1e-3 * float(value.abs().max()) + 1e-12, msg=key)
+    make_tiny_sd(tmp_path / "init", seed=shipped_settings["seed"], unet=DEMO_UNET)
+    init = load_file(next((tmp_path / "init" / "unet").glob("*.safetensors")))
+    assert ours.keys() == theirs.keys() == init.keys()
+
+    def distance(a: dict, b: dict, keys) -> float:
+        return float(torch.cat([(a[k].double() - b[k].double()).flatten() for k in keys]).norm())
+
+    keys = sorted(theirs)
+    assert distance(ours, theirs, keys) <= 0.05 * distance(theirs, init, keys)
+    for key in keys:
+        moved = distance(theirs, init, [key])
+        assert distance(ours, theirs, [key]) <= 0.25 * moved + 1e-12, key
 
 
 @pytest.fixture
