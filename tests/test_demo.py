@@ -84,8 +84,7 @@ def test_make_demo_uses_the_shipped_unet_which_the_pretraining_reproduces(tmp_pa
     the demo's, and pretraining anew with them lands where the shipped weights are: bit for bit on the machine
     that made the file; on another CPU (other SIMD kernels, so other float32 rounding over 600 AdamW steps) within
     a few per cent of how far the pretraining moves the weights from their initialisation (measured on an
-    AVX-512 machine against the AVX2 one that made the file: 0.6 % overall, 3.1 % for the worst tensor; another
-    seed or other settings land about 140 % away)."""
+    AVX-512 machine against the AVX2 one that made the file: 0.6 % overall, 3.1 % for the worst tensor)."""
     from safetensors.torch import load_file
 
     shipped_settings = json.loads(SHIPPED_DEMO_UNET_SETTINGS.read_text())
