@@ -302,7 +302,8 @@ def test_a_failed_demo_training_is_one_line(tmp_path, monkeypatch):
                                            (["--device", "gpu0"], "gpu0"), (["--bogus"], "unrecognized"),
                                            (["--max-batch", "0"], "--max-batch"), (["--batch-wait", "-1"], "--batch-wait"),
                                            (["--asset-faces", "2"], "--asset-faces"), (["--keep-requests", "0"], "--keep-requests"),
-                                           (["--keep-hours", "0"], "--keep-hours")])
+                                           (["--keep-hours", "0"], "--keep-hours"), (["--dtype", "float64"], "--dtype"),
+                                           (["--compile-mode", "default"], "add --compile")])
 def test_serve_argument_errors_are_one_line(tmp_path, capsys, argv, message):
     code = main(["serve", "--weights", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
     assert message in _one_line(code, capsys.readouterr().err)
@@ -343,3 +344,27 @@ def test_old_request_folders_are_pruned_to_the_newest_and_the_young(model, tmp_p
     os.utime(model.out_dir / ids[2], (old, old))  # two hours old
     assert model.prune() == [ids[2]]
     assert sorted(p.name for p in model.out_dir.iterdir()) == sorted([*ids[3:], "notes.txt"])
+
+
+def test_serve_runs_the_networks_in_the_dtype_asked_for(fixtures_dir, tmp_path, monkeypatch, capsys):
+    """`prd serve --dtype bfloat16` serves the student with its networks in bfloat16 (the field in float32), as
+    `prd generate --dtype` runs them: a request gives a mesh."""
+    import torch
+    import uvicorn
+
+    from lightning_modules.serve import app as serve_app
+
+    served = {}
+    real_create_app = serve_app.create_app
+    monkeypatch.setattr(serve_app, "create_app", lambda model, *a, **k: served.setdefault("model", model)
+                        and real_create_app(model, *a, **k))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(kwargs))
+    weights = fixtures_dir / "triplaneturbo_ref_A" / "triplane_turbo.pth"
+    code = main(["serve", "--weights", str(weights), "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--dtype", "bfloat16", "--port", "7999"])
+    assert code == 0 and served["port"] == 7999
+    assert "(bfloat16)" in capsys.readouterr().out
+    student = served["model"].student
+    assert student.unet.dtype == torch.bfloat16 and student.field_dtype == torch.float32
+    result = served["model"].generate_from("a chair", 0, 16, "glb")
+    assert result.faces > 0 and len(load_mesh(result.glb_file).faces) == result.faces

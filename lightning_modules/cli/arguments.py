@@ -59,3 +59,33 @@ def float_in(low: float, high: float, low_open: bool = False, high_open: bool = 
 
     parse.__name__ = "float"
     return parse
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dtype, --compile, --compile-mode, --channels-last: how the networks run (`prd generate`, `prd serve`;
+    `lightning_modules.student.inference`). Checked by `inference_options`."""
+    from lightning_modules.student.inference import COMPILE_MODES, DTYPES
+
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="precision of the UNet, VAE decoder and text encoder (sampler arithmetic and field stay "
+                             "float32); float16 / bfloat16 are meant for CUDA; bfloat16 is also fast on CPUs with AMX "
+                             "(Sapphire Rapids and later), slow on others")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet and VAE decoder (warm-up timed apart; the CPU needs a C++ compiler)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                        help="with --compile: auto (reduce-overhead = CUDA graphs on CUDA, default elsewhere), default, "
+                             "reduce-overhead, max-autotune (both CUDA only), max-autotune-no-cudagraphs")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last memory format for the UNet and VAE decoder convolutions")
+
+
+def inference_options(args: argparse.Namespace, device) -> str | None:
+    """The compile mode of `add_inference_arguments`' options (None: no --compile), after checking them for
+    `device` (one-line `UserError`s: --compile-mode without --compile, a dtype or mode the device can't run)."""
+    from lightning_modules.student.inference import check_inference_settings
+
+    if args.compile_mode is not None and not args.compile:
+        raise UserError("--compile-mode sets the mode of --compile: add --compile")
+    compile_mode = (args.compile_mode or "auto") if args.compile else None
+    check_inference_settings(device, args.dtype, compile_mode)
+    return compile_mode

@@ -28,7 +28,13 @@ import json
 import time
 from pathlib import Path
 
-from lightning_modules.cli.arguments import CommandParser, float_in, int_at_least
+from lightning_modules.cli.arguments import (
+    CommandParser,
+    add_inference_arguments,
+    float_in,
+    inference_options,
+    int_at_least,
+)
 from lightning_modules.cli.paths import output_folder
 from lightning_modules.student.generation import (
     MAX_PROMPT_CHARS,
@@ -38,10 +44,8 @@ from lightning_modules.student.generation import (
     validate_prompts,
 )
 from lightning_modules.student.inference import (
-    COMPILE_MODES,
     DTYPES,
     batch_sizes_of_run,
-    check_inference_settings,
     prepare_for_inference,
     warm_up,
 )
@@ -93,16 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--empty-surface", choices=("unit_sphere", "error"), default="unit_sphere",
                    help="when a field has no surface: the released pipeline's unit sphere, or an error")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                   help="precision of the UNet, VAE decoder and text encoder (sampler arithmetic and field stay "
-                        "float32); float16 / bfloat16 are meant for CUDA (slow on the CPU)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and VAE decoder (warm-up timed apart; the CPU needs a C++ compiler)")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
-                   help="with --compile: auto (reduce-overhead = CUDA graphs on CUDA, default elsewhere), default, "
-                        "reduce-overhead, max-autotune (both CUDA only), max-autotune-no-cudagraphs")
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels_last memory format for the UNet and VAE decoder convolutions")
+    add_inference_arguments(p)
     p.add_argument("--export-thread", choices=("auto", "on", "off"), default="auto",
                    help="write files in a background thread while the networks run on (auto: on with CUDA)")
     p.add_argument("--no-merge", action="store_true",
@@ -137,11 +132,8 @@ def main(argv: list[str]) -> int:
                               roughness=1.0 if args.roughness is None else args.roughness)
     elif args.roughness is not None:
         raise UserError("--roughness sets the material of --asset: add --asset")
-    if args.compile_mode is not None and not args.compile:
-        raise UserError("--compile-mode sets the mode of --compile: add --compile")
     device = resolve_device(args.device)
-    compile_mode = (args.compile_mode or "auto") if args.compile else None
-    check_inference_settings(device, args.dtype, compile_mode)
+    compile_mode = inference_options(args, device)
     out_dir = output_folder(args.out, "--out")
 
     from lightning_modules.student import TriplaneStudent

@@ -2,13 +2,16 @@
 
     prd serve [--base DIR|ID] [--weights FILE|DIR|ID] [--host 127.0.0.1] [--port 7860] [--out outputs/serve]
               [--max-batch 4] [--batch-wait 50] [--max-queue 32] [--device auto|cpu|cuda] [--turntable-frames 8]
-              [--keep-requests 100] [--keep-hours H]
+              [--keep-requests 100] [--keep-hours H] [--dtype float32|float16|bfloat16]
+              [--compile [--compile-mode MODE]] [--channels-last]
 
 Weights as for `prd generate`. Without `--weights` it serves the CPU demo's trained student
 (`outputs/demo/student` on the base `.demo/tiny_sd`, both written by `make demo`); when that is not there either,
 it trains it first (`python -m lightning_modules.demo`, ~3-4 min on 2 cores, with a notice and the demo's own
 progress), unless `--no-train` asks for a one-line error instead. Every argument is checked
 before the model loads; the student is loaded once. Listens on 127.0.0.1 unless `--host` says otherwise.
+`--dtype`, `--compile`, `--channels-last` as for `prd generate`; with `--compile` every batch size up to
+`--max-batch` is warmed up before the page starts.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-from lightning_modules.cli.arguments import CommandParser, float_in, int_at_least
+from lightning_modules.cli.arguments import (
+    CommandParser,
+    add_inference_arguments,
+    float_in,
+    inference_options,
+    int_at_least,
+)
 from lightning_modules.cli.paths import output_folder
 from lightning_modules.student.generation import resolve_device
 from renderers.errors import UserError
@@ -60,6 +69,7 @@ def build_parser() -> CommandParser:
     p.add_argument("--keep-hours", type=float_in(0, 1e6, low_open=True), default=None,
                    help="also delete request folders older than this many hours (default: no age limit)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    add_inference_arguments(p)
     return p
 
 
@@ -103,6 +113,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
     device = resolve_device(args.device)
+    compile_mode = inference_options(args, device)
     out_dir = output_folder(args.out, "--out")
     base, weights = resolve_weights(args.base, args.weights, train=not args.no_train)
 
@@ -111,14 +122,20 @@ def main(argv: list[str]) -> int:
     from lightning_modules.serve.app import create_app
     from lightning_modules.serve.model import ServeModel
     from lightning_modules.student import TriplaneStudent
+    from lightning_modules.student.inference import DTYPES, prepare_for_inference, warm_up
 
     start = time.perf_counter()
     student = TriplaneStudent.from_pretrained(base, weights=weights, device=device)
-    student.merge_adapters()
+    student.merge_adapters()  # in float32, before any cast
+    prepare_for_inference(student, DTYPES[args.dtype], compile_mode, channels_last=args.channels_last)
+    load_seconds = time.perf_counter() - start
+    if compile_mode is not None:
+        seconds = warm_up(student, list(range(1, args.max_batch + 1)))
+        print(f"compiled the UNet and VAE decoder ({compile_mode}): warm-up {seconds:.1f} s", flush=True)
     model = ServeModel(student, out_dir, turntable_frames=args.turntable_frames, empty_surface=args.empty_surface,
                         texture_size=args.texture_size, asset_faces=args.asset_faces, keep_requests=args.keep_requests,
                         keep_seconds=None if args.keep_hours is None else args.keep_hours * 3600)
-    print(f"loaded {weights} in {time.perf_counter() - start:.1f} s; serving on http://{args.host}:{args.port}/ "
+    print(f"loaded {weights} in {load_seconds:.1f} s ({args.dtype}); serving on http://{args.host}:{args.port}/ "
           f"(API: POST /generate), files in {out_dir}", flush=True)
     app = create_app(model, args.concurrency, args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait / 1000)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
