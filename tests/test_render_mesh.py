@@ -1,6 +1,5 @@
 import logging
 import math
-import time
 
 import pytest
 import torch
@@ -228,15 +227,12 @@ def test_mesh_path_gradient_shrink_and_reaching_the_triplanes(tiny_field64):
     assert torch.equal(grads[0.001][1], grads[1.0][1])  # colour keeps its full gradient
 
 
-def test_four_views_at_64px_of_a_tiny_field_are_fast_and_batched():
+def test_four_views_at_64px_of_two_tiny_fields_are_batched():
+    """(Its time is a benchmark figure: benchmarks/bench_renderers.py.)"""
     field = TinyTriplaneField(batch_size=2, resolution=16, seed=1)
     cams = evaluation_cameras(4, batch_size=2, height=64, width=64)
-    start, cpu_start = time.perf_counter(), time.process_time()
     out = MeshRenderer(resolution=64)(field, cams)
     out["rgb"].mean().backward()
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    print(f"mesh renderer: 2 objects x 4 views at 64 x 64 (grid 64^3), forward + backward {elapsed:.2f} s wall, {cpu:.2f} s CPU")
-    assert cpu < 10.0  # CPU time: robust to other jobs sharing the machine
     assert out["rgb"].shape == (2, 4, 3, 64, 64)
     assert not torch.allclose(out["alpha"][0], out["alpha"][1])  # each object drawn from its own field
     assert field.texture_planes.grad.abs().sum() > 0

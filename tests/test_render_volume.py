@@ -1,5 +1,4 @@
 import math
-import time
 
 import pytest
 import torch
@@ -114,15 +113,13 @@ def test_mesh_and_volume_masks_agree():
     assert iou >= 0.95 and a.float().mean() > 0.1
 
 
-def test_four_views_at_64px_of_a_tiny_field_train_step_is_fast():
+def test_four_views_at_64px_of_a_tiny_field_train_step():
+    """A training step's renders and regularisers reach the planes (its time is a benchmark figure:
+    benchmarks/bench_renderers.py)."""
     field = TinyTriplaneField(resolution=16, seed=1)
     cams = evaluation_cameras(4, height=64, width=64)
     renderer = NeuSVolumeRenderer().train()
-    start, cpu_start = time.perf_counter(), time.process_time()
     out = renderer(field, cams)
     (out["rgb"].mean() + out.regularizers["eikonal"] + out.regularizers["sparsity"]).backward()
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    print(f"volume renderer: 4 views at 64 x 64 (global 21^2 + 40^2 patch, 128 + 64 samples), forward + backward {elapsed:.2f} s wall, {cpu:.2f} s CPU")
     assert out["rgb"].shape == (1, 4, 3, 64, 64)
     assert field.geometry_planes.grad.abs().sum() > 0
-    assert cpu < 15.0  # CPU time: robust to other jobs sharing the machine
