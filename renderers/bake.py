@@ -132,8 +132,8 @@ TEXEL_CHUNK = 32_768  # texels per task: FieldSampler's chunk, and small enough 
 @contextmanager
 def single_torch_thread_pool(workers: int):
     """A thread pool of `workers` threads that run with one torch thread each (restored on exit), or None for
-    one worker: numpy and torch release the GIL on these arrays, so texel
-    chunks on threads use the cores better than torch's own threads on small, memory-bound operations."""
+    one worker: numpy and torch release the GIL on these arrays, so chunks on threads use the cores better than
+    torch's own threads on small, memory-bound operations."""
     if workers <= 1:
         yield None
         return
