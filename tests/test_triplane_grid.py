@@ -147,3 +147,31 @@ def test_fields_it_cannot_bound_are_evaluated_densely():
 def test_block_sizes_must_nest():
     with pytest.raises(ValueError, match="divide"):
         TriplaneGridSDF(_field(), 0, 32, block_sizes=(8, 3))
+
+
+@pytest.mark.parametrize(("config", "slices"), [({}, 1), ({"geo_interpolate": "v2"}, 4),
+                                                ({"sdf_bias": "ellipsoid", "sdf_bias_params": (0.6, 0.4, 0.5)}, 7)])
+def test_dense_slices_equal_the_vertex_by_vertex_values(config, slices):
+    """The slice-by-slice evaluation of every vertex (taken when most of the grid is near the surface) computes
+    the vertex-by-vertex values bit for bit, whatever the slice count (7 does not divide 30)."""
+    field = _field(seed=3, **config)
+    grid = TriplaneGridSDF(field, 0, 30)
+    with torch.no_grad():
+        assert torch.equal(grid.sdf_dense(slices), grid.sdf_at(torch.arange(30**3)))
+
+
+def test_a_surface_nearly_everywhere_takes_the_dense_path_and_gives_the_dense_mesh(monkeypatch):
+    """A noisy blob leaves most blocks undecided: every vertex is then evaluated slice by slice (all exact),
+    with the mesh of the dense grid; with the dense path forbidden, the same values where exact."""
+    import lightning_modules.student.triplane_grid as triplane_grid
+
+    field = _field(seed=4, smooth=False)
+    with torch.no_grad():
+        grid = field.grid_sdf(40, field.device, field.planes.dtype)
+        dense, _ = evaluate_field_on_grid(field, 40)
+        assert bool(grid.exact.all()) and torch.equal(grid.values, dense)
+        _assert_same_meshes(extract_mesh(field, resolution=40), extract_mesh(field, resolution=40, coarse_to_fine=False))
+        monkeypatch.setattr(triplane_grid, "DENSE_SHARE", 2.0)
+        shell = field.grid_sdf(40, field.device, field.planes.dtype)
+    assert not bool(shell.exact.all())
+    assert torch.equal(shell.values[shell.exact], dense[shell.exact])

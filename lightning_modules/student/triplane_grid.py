@@ -27,6 +27,7 @@ from renderers.types import GridSDF
 
 BLOCK_SIZES = (16, 8, 4, 2)  # block sides, coarse to fine: undecided blocks are split into the next size
 BOUND_COST = 3  # one block's bound costs about 3 vertex evaluations (centre and radius through the MLP)
+DENSE_SHARE = 0.6  # above this share of exact vertices, every vertex is evaluated slice by slice (no gathers)
 ROUNDING_MARGIN = 1e-4  # relative to the magnitude of each layer's terms; float32 dot products of 64 terms err < 1e-5
 
 
@@ -90,6 +91,26 @@ class TriplaneGridSDF:
             i, j, k = part // (r * r), (part // r) % r, part % r
             points = torch.stack([self.axis[i], self.axis[j], self.axis[k]], dim=-1)
             raw = self._sdf_network(self.features(i, j, k)).squeeze(-1)
+            out.append(raw + self.field.sdf_bias(points))
+        return torch.cat(out)
+
+    def sdf_dense(self, slices: int = 1) -> Tensor:
+        """Exact SDF `[R^3]` at every grid vertex (x slowest, z fastest), `slices` x-slices at a time: each
+        slice's features are the broadcast sum of its table rows (A[i, j] + B[i, k] + C[k, j], or their
+        concatenation), so no vertex index is computed or gathered; the same arithmetic as `sdf_at`, bit for bit."""
+        r, (xy, xz, yz) = self.resolution, self.tables
+        channels = xy.shape[1]
+        yz_grid = yz.reshape(r, r, channels).transpose(0, 1)  # [j, k, C]: row k r + j
+        out = []
+        for first in range(0, r, slices):
+            i = torch.arange(first, min(first + slices, r), device=self.axis.device)
+            a = xy.reshape(r, r, channels)[i][:, :, None].expand(-1, r, r, channels)  # [s, j, k, C]
+            b = xz.reshape(r, r, channels)[i][:, None].expand(-1, r, r, channels)
+            c = yz_grid[None].expand(len(i), r, r, channels)
+            features = a + b + c if self.mode == "v1" else torch.cat([a, b, c], dim=-1)
+            x, y, z = torch.meshgrid(self.axis[i], self.axis, self.axis, indexing="ij")
+            points = torch.stack([x, y, z], dim=-1).reshape(-1, 3)
+            raw = self._sdf_network(features.reshape(-1, features.shape[-1])).squeeze(-1)
             out.append(raw + self.field.sdf_bias(points))
         return torch.cat(out)
 
@@ -214,6 +235,9 @@ class TriplaneGridSDF:
             # the undecided children keep their parent's bound until a finer size or the evaluation replaces it
             _fill_blocks(values, blocks[~undecided], size, torch.where(hi < 0, hi, lo)[~undecided])
             first = size
+        if int(undecided.sum()) * first**3 >= DENSE_SHARE * r**3:  # the surface is nearly everywhere
+            values = self.sdf_dense(slices=max(1, 2**15 // r**2))
+            return GridSDF(values=values[None], exact=torch.ones_like(values, dtype=torch.bool)[None])
         flat = _block_vertices(blocks[undecided], first, r)
         values = values.reshape(-1)
         values[flat] = self.sdf_at(flat)
