@@ -246,30 +246,42 @@ class FieldSampler:
         with single_torch_thread_pool(workers) as pool:
             return [fn(c) for c in chunks] if pool is None else list(pool.map(fn, chunks))
 
+    def _rgb(self, chunk: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.field.color(chunk[None])[0].clamp(0, 1)
+
+    def _sdf_and_gradient(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first_order = getattr(self.field, "sdf_and_gradient", None)
+        if first_order is not None:
+            sdf, grad = first_order(chunk[None])
+            return sdf[0].detach(), grad[0].detach()
+        with torch.enable_grad():
+            chunk = chunk.detach().requires_grad_(True)
+            sdf = self.field.sdf(chunk[None])[0]
+            (grad,) = torch.autograd.grad(sdf.sum(), chunk)
+        return sdf.detach(), grad
+
     def color(self, points: np.ndarray) -> np.ndarray:
         """[K, 3] points -> [K, 3] RGB clamped to [0, 1]."""
-
-        def rgb(c):
-            with torch.no_grad():
-                return self.field.color(c[None])[0].clamp(0, 1).float().cpu()
-
-        return torch.cat(self._map(rgb, points)).numpy().astype(np.float64)
+        rgb = self._map(lambda c: self._rgb(c).float().cpu(), points)
+        return torch.cat(rgb).numpy().astype(np.float64)
 
     def sdf(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[K, 3] points -> (sdf [K], gradient [K, 3]): the field's own `sdf_and_gradient` (first derivative only)
         where it has one, else autograd through `field.sdf`."""
-        first_order = getattr(self.field, "sdf_and_gradient", None)
 
-        def sdf_and_gradient(c):
-            if first_order is not None:
-                sdf, grad = first_order(c[None])
-                sdf, grad = sdf[0], grad[0]
-            else:
-                with torch.enable_grad():
-                    c = c.detach().requires_grad_(True)
-                    sdf = self.field.sdf(c[None])[0]
-                    (grad,) = torch.autograd.grad(sdf.sum(), c)
-            return sdf.detach().float().cpu(), grad.float().cpu()
+        def on_cpu(c):
+            return tuple(value.float().cpu() for value in self._sdf_and_gradient(c))
 
-        values, gradients = zip(*self._map(sdf_and_gradient, points), strict=True)
+        values, gradients = zip(*self._map(on_cpu, points), strict=True)
         return torch.cat(values).numpy().astype(np.float64), torch.cat(gradients).numpy().astype(np.float64)
+
+    def color_tensor(self, points: torch.Tensor) -> torch.Tensor:
+        """`color` on tensors that stay on the sampler's device: [K, 3] points -> [K, 3] RGB (the field's dtype)."""
+        return torch.cat([self._rgb(c) for c in points.to(self.device, self.dtype).split(self.chunk)])
+
+    def sdf_tensor(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sdf` on tensors that stay on the sampler's device: [K, 3] points -> (sdf [K], gradient [K, 3])."""
+        values, gradients = zip(*(self._sdf_and_gradient(c) for c in points.to(self.device, self.dtype).split(self.chunk)),
+                                strict=True)
+        return torch.cat(values), torch.cat(gradients)

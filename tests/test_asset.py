@@ -43,7 +43,7 @@ def test_glb_round_trip_keeps_both_maps_tangents_and_the_material(tmp_path):
     vertices, faces = icosphere(4)
     sampler = FieldSampler(SphereField())
     settings = AssetSettings(faces=500, texture_size=64, roughness=0.6)
-    asset = make_asset(vertices, faces, sampler.color, sampler.sdf, settings)
+    asset = make_asset(vertices, faces, sampler, settings)
     assert asset.stats["faces"] <= 500 and asset.stats["full_faces"] == len(faces)
     assert asset.stats["distance_to_full_mesh"]["chamfer_relative"] < 0.005
     path = write_asset(tmp_path / "ball.glb", asset)
@@ -76,7 +76,7 @@ def test_glb_round_trip_keeps_both_maps_tangents_and_the_material(tmp_path):
 def test_obj_gets_the_same_maps(tmp_path):
     vertices, faces = icosphere(3)
     sampler = FieldSampler(SphereField())
-    asset = make_asset(vertices, faces, sampler.color, sampler.sdf, AssetSettings(faces=300, texture_size=32))
+    asset = make_asset(vertices, faces, sampler, AssetSettings(faces=300, texture_size=32))
     path = write_asset(tmp_path / "ball.obj", asset)
     mtl = path.with_suffix(".mtl").read_text().splitlines()
     assert "map_Kd ball.png" in mtl and "norm ball_normal.png" in mtl and "Pm 0" in mtl and "Pr 1" in mtl
@@ -103,8 +103,8 @@ def test_the_same_input_gives_the_same_asset():
     vertices, faces = icosphere(3)
     sampler = FieldSampler(SphereField())
     settings = AssetSettings(faces=200, texture_size=32)
-    a = make_asset(vertices, faces, sampler.color, sampler.sdf, settings)
-    b = make_asset(vertices, faces, sampler.color, sampler.sdf, settings)
+    a = make_asset(vertices, faces, sampler, settings)
+    b = make_asset(vertices, faces, sampler, settings)
     np.testing.assert_array_equal(a.faces, b.faces)
     np.testing.assert_array_equal(a.maps.albedo, b.maps.albedo)
     np.testing.assert_array_equal(a.maps.normal, b.maps.normal)

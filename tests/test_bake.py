@@ -8,39 +8,21 @@ import torch
 from renderers.bake import FieldSampler, bake_maps, vertex_tangents
 from renderers.export import unit_vertex_normals
 from renderers.uv_atlas import unwrap
-from tests.asset_helpers import RADIUS, SphereField, icosphere
+from tests.asset_helpers import (
+    RADIUS,
+    SphereField,
+    icosphere,
+    position_colour,
+    texel_normals_without_map,
+    texel_points,
+    viewer_normals,
+)
 
 
 def _sphere_sdf(points):
     """SDF of the sphere of radius RADIUS and its exact gradient."""
     norm = np.linalg.norm(points, axis=1)
     return norm - RADIUS, points / norm[:, None]
-
-
-def _position_colour(points):
-    """colour = position, mapped from [-1, 1] to [0, 1]."""
-    return (np.asarray(points) + 1.0) / 2.0
-
-
-def _texel_points(uvs, faces, positions, size):
-    """Independent oracle: the 3D point of every texel centre covered by a triangle, found by brute force
-    over the triangles. Returns rows, cols (image rows, row 0 at v = 1) and points [K, 3]."""
-    v, u = np.meshgrid((np.arange(size) + 0.5) / size, (np.arange(size) + 0.5) / size, indexing="ij")
-    centres = np.stack([u.ravel(), v.ravel()], axis=1)  # row index r -> v = (r + 0.5) / size
-    rows, cols, points = [], [], []
-    for face in faces:
-        a, b, c = uvs[face]
-        m = np.array([b - a, c - a]).T
-        if abs(np.linalg.det(m)) < 1e-12:
-            continue
-        w = np.linalg.solve(m, (centres - a).T).T  # [S, 2]
-        inside = (w >= 1e-6).all(axis=1) & (w.sum(axis=1) <= 1 - 1e-6)
-        idx = np.nonzero(inside)[0]
-        bary = np.stack([1 - w[idx].sum(axis=1), w[idx, 0], w[idx, 1]], axis=1)
-        rows.append(size - 1 - idx // size)
-        cols.append(idx % size)
-        points.append(bary @ positions[face])
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(points)
 
 
 def test_albedo_of_colour_equals_position_matches_the_field_at_texel_centres():
@@ -51,40 +33,14 @@ def test_albedo_of_colour_equals_position_matches_the_field_at_texel_centres():
     positions = vertices[atlas.vertex_map]
     np.testing.assert_allclose(positions[atlas.faces], vertices[faces])  # same triangles, same order
     normals = unit_vertex_normals(vertices, faces)[atlas.vertex_map]
-    maps = bake_maps(positions, normals, None, atlas.uvs, atlas.faces, size, _position_colour)
-    rows, cols, points = _texel_points(atlas.uvs, atlas.faces, positions, size)
+    maps = bake_maps(positions, normals, None, atlas.uvs, atlas.faces, size, position_colour)
+    rows, cols, points = texel_points(atlas.uvs, atlas.faces, positions, size)
     assert len(rows) > 0.4 * size * size  # most of the atlas is covered
     assert maps.coverage[rows, cols].all()
     # rounding to 8 bits is the only error: half a step
-    np.testing.assert_allclose(maps.albedo[rows, cols] / 255.0, _position_colour(points), atol=0.5 / 255 + 1e-9)
+    np.testing.assert_allclose(maps.albedo[rows, cols] / 255.0, position_colour(points), atol=0.5 / 255 + 1e-9)
     # gutters are filled: no black texel anywhere, each takes a neighbouring chart colour
     assert (maps.albedo.reshape(-1, 3).max(axis=1) > 0).all()
-
-
-def _viewer_normals(normals, tangents, faces, rows, cols, points, normal_map, uvs):
-    """What a glTF viewer shades with: per texel, T, B = w cross(N, T) per vertex, N interpolated and
-    normalised, then n = x T + y B + z N from the decoded map."""
-    size = normal_map.shape[0]
-    decoded = normal_map[rows, cols] / 255.0 * 2.0 - 1.0
-    bitangents = tangents[:, 3:] * np.cross(normals, tangents[:, :3])
-    out = np.zeros_like(points)
-    uv_centres = np.stack([(cols + 0.5) / size, (size - 1 - rows + 0.5) / size], axis=1)
-    for face in faces:
-        a, b, c = uvs[face]
-        m = np.array([b - a, c - a]).T
-        if abs(np.linalg.det(m)) < 1e-12:
-            continue
-        w = np.linalg.solve(m, (uv_centres - a).T).T
-        inside = (w >= 1e-6).all(axis=1) & (w.sum(axis=1) <= 1 - 1e-6)
-        bary = np.stack([1 - w[inside].sum(axis=1), w[inside, 0], w[inside, 1]], axis=1)
-
-        def unit(x):
-            return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-        t, bt, n = unit(bary @ tangents[face, :3]), unit(bary @ bitangents[face]), unit(bary @ normals[face])
-        d = decoded[inside]
-        out[inside] = unit(d[:, :1] * t + d[:, 1:2] * bt + d[:, 2:] * n)
-    return out
 
 
 def test_normal_map_from_a_sphere_sdf_restores_the_sphere_normals_on_a_coarse_polyhedron():
@@ -98,26 +54,19 @@ def test_normal_map_from_a_sphere_sdf_restores_the_sphere_normals_on_a_coarse_po
     np.testing.assert_allclose(np.linalg.norm(tangents[:, :3], axis=1), 1.0, atol=1e-9)
     np.testing.assert_allclose(np.einsum("ij,ij->i", tangents[:, :3], normals), 0.0, atol=1e-9)
     assert set(np.unique(tangents[:, 3])) <= {-1.0, 1.0}
-    maps = bake_maps(positions, normals, tangents, atlas.uvs, atlas.faces, size, _position_colour, _sphere_sdf)
-    rows, cols, points = _texel_points(atlas.uvs, atlas.faces, positions, size)
-    shaded = _viewer_normals(normals, tangents, atlas.faces, rows, cols, points, maps.normal, atlas.uvs)
+    maps = bake_maps(positions, normals, tangents, atlas.uvs, atlas.faces, size, position_colour, _sphere_sdf)
+    rows, cols, points = texel_points(atlas.uvs, atlas.faces, positions, size)
+    shaded = viewer_normals(normals, tangents, atlas.faces, rows, cols, points, maps.normal, atlas.uvs)
     truth = points / np.linalg.norm(points, axis=1, keepdims=True)
     error = np.degrees(np.arccos(np.clip(np.einsum("ij,ij->i", shaded, truth), -1, 1)))
     assert error.max() < 1.5  # 8-bit quantisation: about half a degree
     # without the map the facets' normals are off by up to ~20 degrees
-    corners = _texel_normals_without_map(normals, tangents, atlas, rows, cols, size)
+    corners = texel_normals_without_map(normals, tangents, atlas, rows, cols, size)
     plain = np.degrees(np.arccos(np.clip(np.einsum("ij,ij->i", corners, truth), -1, 1)))
     assert plain.max() > 15 and plain.mean() > 10 * error.mean()
     # the albedo was sampled on the sphere (the Newton step), not on the facets
     on_sphere = truth * RADIUS
-    np.testing.assert_allclose(maps.albedo[rows, cols] / 255.0, _position_colour(on_sphere), atol=0.5 / 255 + 1e-3)
-
-
-def _texel_normals_without_map(normals, tangents, atlas, rows, cols, size):
-    """What the viewer shades with under a flat map (0, 0, 1): the interpolated vertex normal."""
-    flat = np.zeros((size, size, 3), np.uint8)
-    flat[...] = (128, 128, 255)
-    return _viewer_normals(normals, tangents, atlas.faces, rows, cols, np.zeros((len(rows), 3)), flat, atlas.uvs)
+    np.testing.assert_allclose(maps.albedo[rows, cols] / 255.0, position_colour(on_sphere), atol=0.5 / 255 + 1e-3)
 
 
 def test_field_sampler_gives_autograd_gradients():
@@ -127,7 +76,7 @@ def test_field_sampler_gives_autograd_gradients():
     expected_sdf, expected_gradient = _sphere_sdf(points)
     np.testing.assert_allclose(sdf, expected_sdf, atol=1e-6)
     np.testing.assert_allclose(gradient, expected_gradient, atol=1e-6)
-    np.testing.assert_allclose(sampler.color(points), np.clip(_position_colour(points), 0, 1), atol=1e-6)
+    np.testing.assert_allclose(sampler.color(points), np.clip(position_colour(points), 0, 1), atol=1e-6)
 
 
 def test_field_sampler_threads_give_the_chunks_in_order():
@@ -154,7 +103,7 @@ def test_bake_on_threads_equals_one_thread_bit_for_bit(monkeypatch):
     positions = vertices[atlas.vertex_map]
     normals = unit_vertex_normals(vertices, faces)[atlas.vertex_map]
     tangents = vertex_tangents(positions, normals, atlas.uvs, atlas.faces)
-    args = (positions, normals, tangents, atlas.uvs, atlas.faces, size, _position_colour, _sphere_sdf)
+    args = (positions, normals, tangents, atlas.uvs, atlas.faces, size, position_colour, _sphere_sdf)
     one, two = bake_maps(*args, workers=1), bake_maps(*args, workers=2)
     assert one.coverage.sum() > 3 * 1000
     np.testing.assert_array_equal(one.coverage, two.coverage)
@@ -181,6 +130,6 @@ def test_unwrap_in_slabs_keeps_the_faces_and_packs_the_charts_without_overlap():
     assert len(np.unique(texels)) > 0.99 * len(texels)  # only texel centres on a shared edge count twice
     assert len(np.unique(face_of)) > 0.95 * len(faces)
     normals = unit_vertex_normals(vertices, faces)[atlas.vertex_map]
-    maps = bake_maps(positions, normals, None, atlas.uvs, atlas.faces, size, _position_colour)
-    rows, cols, points = _texel_points(atlas.uvs, atlas.faces, positions, size)
-    np.testing.assert_allclose(maps.albedo[rows, cols] / 255.0, _position_colour(points), atol=0.5 / 255 + 1e-9)
+    maps = bake_maps(positions, normals, None, atlas.uvs, atlas.faces, size, position_colour)
+    rows, cols, points = texel_points(atlas.uvs, atlas.faces, positions, size)
+    np.testing.assert_allclose(maps.albedo[rows, cols] / 255.0, position_colour(points), atol=0.5 / 255 + 1e-9)

@@ -471,7 +471,7 @@ def _write_asset(path: Path, mesh, obj, settings: AssetSettings, file_format: st
     """The game-ready asset of one object (sub-field `obj`): its manifest entries."""
     sampler = FieldSampler(obj, device=device, dtype=dtype)
     built = make_asset(mesh.vertices.detach().float().cpu().numpy(), mesh.faces.detach().cpu().numpy(),
-                       sampler.color, sampler.sdf, settings)
+                       sampler, settings)
     written = write_asset(path, built, file_format)
     stats = dict(built.stats)
     return dict(file=written.name, vertices=stats.pop("atlas_vertices"), faces=stats.pop("faces"),
