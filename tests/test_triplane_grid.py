@@ -171,7 +171,27 @@ def test_a_surface_nearly_everywhere_takes_the_dense_path_and_gives_the_dense_me
         dense, _ = evaluate_field_on_grid(field, 40)
         assert bool(grid.exact.all()) and torch.equal(grid.values, dense)
         _assert_same_meshes(extract_mesh(field, resolution=40), extract_mesh(field, resolution=40, coarse_to_fine=False))
+        # refined down to the finest blocks whatever it costs, and the dense path forbidden: the shell path
         monkeypatch.setattr(triplane_grid, "DENSE_SHARE", 2.0)
+        monkeypatch.setattr(TriplaneGridSDF, "_refinement_pays", lambda self, parents, size, child: len(parents) > 0)
         shell = field.grid_sdf(40, field.device, field.planes.dtype)
     assert not bool(shell.exact.all())
     assert torch.equal(shell.values[shell.exact], dense[shell.exact])
+
+
+def test_refinement_stops_where_the_children_decide_nothing(monkeypatch):
+    """Blocks are split only while a sample of the children shows that their bounds save more vertex
+    evaluations than they cost: on the noisy blob the bounds stop after the first size and a sample of at most
+    REFINE_SAMPLE parents' children; on the smooth bumpy sphere they go on to the finest size."""
+    from lightning_modules.student.triplane_grid import REFINE_SAMPLE
+
+    bounded = []
+    bounds = TriplaneGridSDF.block_bounds
+    monkeypatch.setattr(TriplaneGridSDF, "block_bounds",
+                        lambda self, blocks, size: bounded.append((size, len(blocks))) or bounds(self, blocks, size))
+    with torch.no_grad():
+        TriplaneGridSDF(_field(seed=4, smooth=False), 0, 64).evaluate()
+        noisy, bounded[:] = list(bounded), []
+        TriplaneGridSDF(_field(seed=1), 0, 64).evaluate()
+    assert noisy[0] == (16, 64) and len(noisy) == 2 and noisy[1][0] == 8 and noisy[1][1] <= REFINE_SAMPLE * 8
+    assert [size for size, _ in bounded if size == 2]  # the smooth field's shell reaches the finest blocks
