@@ -59,6 +59,26 @@ def tiny_sd_dir(tmp_path_factory):
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def gaussian_student(tiny_sd_dir, tmp_path_factory):
+    """A Gaussian student (tiny SD, random weights, 300 Gaussians, SH degree 1) saved with save_pretrained."""
+    from lightning_modules.student import TriplaneStudent
+    from lightning_modules.training.settings import resolve_student_config
+    from tests.gaussian_helpers import GAUSSIAN_STUDENT
+    from tests.prd_helpers import TINY_STUDENT
+
+    representation = {"num_gaussians": 300, "surface_resolution": 16, "mlp_neurons": 16, "sh_degree": 1}
+    config = resolve_student_config({**TINY_STUDENT, "student_class": GAUSSIAN_STUDENT, "representation": representation})
+    torch.manual_seed(0)
+    student = TriplaneStudent.from_pretrained(tiny_sd_dir, config=config)
+    with torch.no_grad():
+        for p in student.gaussian_geometry_head.parameters():
+            p.normal_(0, 0.2)  # "trained" heads: attributes that differ from Gaussian to Gaussian
+        for p in student.gaussian_color_head.parameters():
+            p.normal_(0, 0.2)
+    return student, student.save_pretrained(tmp_path_factory.mktemp("gaussian_student"))
+
+
 @pytest.fixture
 def empty_hub_cache(tmp_path, monkeypatch):
     """HF_HUB_OFFLINE=1 (as the whole suite runs) and an empty Hugging Face cache (returned): a hub id is found

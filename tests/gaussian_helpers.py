@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from renderers.types import Cameras, RenderOutput
 
+GAUSSIAN_STUDENT = "lightning_modules.student.gaussian_field.TriplaneGaussianStudent"  # the student_class of the configs
+
 
 class StandInSplatter(nn.Module):
     """`forward(field, cameras)` for a field with `gaussian_attributes()`; images rgb, alpha, depth, disparity,

@@ -135,3 +135,95 @@ def test_prd_eval_scores_gaussian_plys_and_meshes_in_one_table(splat_dir, tiny_c
         assert len(drawn) > 20, prompt
         # each object shows its own colour (the splats as the mesh): mean colour near it
         np.testing.assert_allclose(drawn.mean(0).numpy(), colour, atol=0.3)
+
+
+@pytest.fixture(scope="module")
+def generate_folder(tmp_path_factory):
+    """What a Gaussian student's `prd generate` writes for the first two prompts: per prompt a mesh (a red box) and
+    `<name>_gaussians.ply` (a green splat box), both listed in the manifest."""
+    folder = tmp_path_factory.mktemp("gaussian_generate")
+    records = []
+    for i, (prompt, half) in enumerate(zip(PROMPTS[:2], HALVES, strict=False)):
+        stem = f"{i:04d}_{slugify(prompt)}"
+        export_mesh(folder / f"{stem}.glb", *box(half, (1.0, 0.0, 0.0)))
+        write_gaussian_ply(folder / f"{stem}_gaussians.ply", gaussian_box(half, (0.0, 0.8, 0.0)))
+        records.append({"index": i, "prompt": prompt, "file": f"{stem}.glb", "gaussians_file": f"{stem}_gaussians.ply"})
+    (folder / "manifest.json").write_text(json.dumps({"meshes": records}))
+    return folder
+
+
+def _eval_colours(folder, tiny_clip_dir, tmp_path, *extra) -> list[np.ndarray]:
+    """`prd eval --meshes folder` on the first two prompts: the mean colour of each prompt's drawn pixels."""
+    from lightning_modules.evaluation.run import load_views
+
+    tmp_path.mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    out = tmp_path / "run"
+    argv = ["eval", "--meshes", str(folder), "--prompts", str(prompts), "--out", str(out), *extra,
+            "--clip-model", f"local-dir:{tiny_clip_dir}", "--resolution", "32", "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert prd_main(argv) == 0
+    colours = []
+    for i, prompt in enumerate(PROMPTS[:2]):
+        views = load_views(sorted((out / "renders" / f"{i:04d}_{slugify(prompt)}").glob("az*.png")))
+        colours.append(views.permute(0, 2, 3, 1)[non_white(views)].mean(0).numpy())
+    return colours
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_representation_gaussians_scores_the_splats_of_a_generate_folder(generate_folder, tiny_clip_dir, tmp_path,
+                                                                         manifest):
+    """The same folder scores its red meshes by default and its green splats with --representation gaussians,
+    found through the manifest's `gaussians_file` or, without a manifest, by their `_gaussians.ply` names."""
+    folder = generate_folder
+    if not manifest:
+        folder = tmp_path / "names"
+        folder.mkdir()
+        for path in generate_folder.iterdir():
+            if path.name != "manifest.json":
+                (folder / path.name).write_bytes(path.read_bytes())
+    assert (folder / "manifest.json").is_file() == manifest
+    for colour in _eval_colours(folder, tiny_clip_dir, tmp_path / "meshes"):
+        np.testing.assert_allclose(colour, (1.0, 0.0, 0.0), atol=0.3)
+    for colour in _eval_colours(folder, tiny_clip_dir, tmp_path / "splats", "--representation", "gaussians"):
+        np.testing.assert_allclose(colour, (0.0, 0.8, 0.0), atol=0.3)
+
+
+def test_representation_gaussians_without_gaussians_is_a_one_line_error(splat_dir, tiny_clip_dir, tmp_path, capsys):
+    """A manifest without `gaussians_file` and a folder without `_gaussians.ply` files: one line, exit code 2."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    with_manifest = tmp_path / "with_manifest"
+    with_manifest.mkdir()
+    export_mesh(with_manifest / "a.glb", *box())
+    (with_manifest / "manifest.json").write_text(json.dumps({"meshes": [{"prompt": PROMPTS[0], "file": "a.glb"}]}))
+    for folder, message in ((with_manifest, "lists no Gaussians (prompt 'a red plank')"),
+                            (splat_dir, "no Gaussian PLYs (*_gaussians.ply")):
+        argv = ["eval", "--meshes", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+                "--representation", "gaussians", "--clip-model", f"local-dir:{tiny_clip_dir}", "--device", "cpu"]
+        assert prd_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_generate_mode_scores_a_gaussian_students_splats(gaussian_student, tiny_sd_dir, ref_weights, tiny_clip_dir,
+                                                         tmp_path, capsys):
+    """`prd eval --weights` of a Gaussian student with --representation gaussians generates and scores its 3DGS PLYs
+    (kept in OUT/meshes); a mesh-only student is a one-line error."""
+    from lightning_modules.evaluation.gaussians import is_gaussian_file
+
+    _, weights = gaussian_student
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("a red car\na blue chair\n")
+    common = ["--prompts", str(prompts), "--clip-model", f"local-dir:{tiny_clip_dir}", "--resolution", "32",
+              "--mesh-resolution", "16", "--no-progress", "--device", "cpu", "--representation", "gaussians"]
+    assert prd_main(["eval", "--weights", str(weights), "--base", str(tiny_sd_dir), "--out", str(tmp_path / "g"),
+                     *common]) == 0
+    files = sorted((tmp_path / "g" / "meshes").iterdir())
+    assert [p.name for p in files] == ["0000_a_red_car_gaussians.ply", "0001_a_blue_chair_gaussians.ply"]
+    assert all(is_gaussian_file(p) for p in files)
+    results = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert results["num_prompts"] == 2 and 0.0 <= results["clip_score"] <= 2.5
+    capsys.readouterr()
+    assert prd_main(["eval", "--weights", str(ref_weights), "--out", str(tmp_path / "m"), *common]) == 2
+    assert "makes no 3D Gaussians" in capsys.readouterr().err

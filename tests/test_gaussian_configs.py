@@ -12,7 +12,7 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from tests.gaussian_helpers import StandInSplatter
+from tests.gaussian_helpers import GAUSSIAN_STUDENT, StandInSplatter
 from tests.prd_helpers import (  # noqa: F401
     PRD_WARNING_FILTERS,
     TINY_STUDENT,
@@ -26,7 +26,6 @@ from tests.teacher_helpers import teacher_dirs  # noqa: F401  (fixture `dirs`)
 from tests.test_prd_configs import tiny_reference_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GAUSSIAN_STUDENT = "lightning_modules.student.gaussian_field.TriplaneGaussianStudent"
 TINY_GAUSSIANS = {"num_gaussians": 128, "surface_resolution": 12, "mlp_neurons": 8}
 
 pytestmark = [*PRD_WARNING_FILTERS, pytest.mark.usefixtures("single_thread")]

@@ -25,12 +25,12 @@ from lightning_modules.student.gaussian_field import (
 from lightning_modules.student.triplane_field import TriplaneField, VanillaMLP
 from lightning_modules.training.settings import resolve_student_config
 from renderers.types import FieldWithSharedGeometry
+from tests.gaussian_helpers import GAUSSIAN_STUDENT
 from tests.prd_helpers import TINY_STUDENT
 from tests.threads import single_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-GAUSSIAN_STUDENT = "lightning_modules.student.gaussian_field.TriplaneGaussianStudent"
 TINY_GAUSSIANS = dict(num_gaussians=256, surface_resolution=16, mlp_neurons=16)
 
 

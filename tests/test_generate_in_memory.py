@@ -13,14 +13,11 @@ from lightning_modules.cli import main
 from lightning_modules.evaluation.meshes import load_mesh
 from lightning_modules.student import TriplaneStudent
 from lightning_modules.student.generation import StageTimer, export_generation, generate, generate_meshes
-from lightning_modules.training.settings import resolve_student_config
-from tests.prd_helpers import TINY_STUDENT
 from tests.threads import single_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROMPTS = ["a red car", "a blue chair", "a green lamp"]
-GAUSSIAN_STUDENT = "lightning_modules.student.gaussian_field.TriplaneGaussianStudent"
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +56,6 @@ def test_the_stage_table_shows_gaussians_only_when_they_were_made():
     assert "gaussians" not in timer.table(1) and "mesh extraction" in timer.table(1)
     timer.seconds["gaussians"] = 0.25
     assert "gaussians" in timer.table(1) and timer.total == pytest.approx(1.75)
-
-
-@pytest.fixture(scope="module")
-def gaussian_student(tiny_sd_dir, tmp_path_factory):
-    """A Gaussian student (tiny SD, random weights, 300 Gaussians, SH degree 1) saved with save_pretrained."""
-    representation = {"num_gaussians": 300, "surface_resolution": 16, "mlp_neurons": 16, "sh_degree": 1}
-    config = resolve_student_config({**TINY_STUDENT, "student_class": GAUSSIAN_STUDENT, "representation": representation})
-    torch.manual_seed(0)
-    student = TriplaneStudent.from_pretrained(tiny_sd_dir, config=config)
-    with torch.no_grad():
-        for p in student.gaussian_geometry_head.parameters():
-            p.normal_(0, 0.2)  # "trained" heads: attributes that differ from Gaussian to Gaussian
-        for p in student.gaussian_color_head.parameters():
-            p.normal_(0, 0.2)
-    return student, student.save_pretrained(tmp_path_factory.mktemp("gaussian_student"))
 
 
 def test_a_gaussian_student_generates_gaussians_and_prd_generate_writes_ply_and_glb(gaussian_student, tiny_sd_dir, tmp_path,

@@ -5,7 +5,9 @@
 
 A .ply file with the 3D Gaussian Splatting properties (f_dc_*, opacity, scale_*, rot_*) is scored as
 Gaussians under the same protocol (lightning_modules/evaluation/gaussians.py): meshes and splats can share
-one folder and one table.
+one folder and one table. A Gaussian student's `prd generate` writes both a mesh and `<name>_gaussians.ply` per
+prompt: `--representation gaussians` scores the splats (its manifest's `gaussians_file`; in generate mode the
+student's own), the default scores the meshes.
 
 Protocol (the TriplaneTurbo reference's): each mesh is normalised into [-0.9, 0.9]^3 (bounding box,
 as the reference's renderer does), rendered unlit with its colours on a white background from 4
@@ -46,7 +48,7 @@ import torch
 
 from lightning_modules.cli.arguments import CommandParser, float_in, int_at_least
 from lightning_modules.cli.paths import input_file, input_folder, output_folder
-from lightning_modules.evaluation.meshes import match_meshes
+from lightning_modules.evaluation.meshes import REPRESENTATIONS, match_meshes
 from lightning_modules.evaluation.protocol import RenderProtocol
 from lightning_modules.evaluation.run import check_run_config, embed_renders, generate_missing_meshes, score
 from lightning_modules.student.generation import resolve_device
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mesh-map", default=None, help="CSV with columns prompt,file (--meshes mode)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="skip prompts without a mesh or with an unreadable mesh (each listed in the report) instead of failing")
+    parser.add_argument("--representation", choices=REPRESENTATIONS, default="mesh",
+                        help="what to score of a Gaussian student: its meshes, or its 3D Gaussians (the "
+                             "`<name>_gaussians.ply` files that `prd generate` writes beside them)")
     parser.add_argument("--mesh-frame", choices=("viewer", "world"), default="viewer",
                         help="axes of the mesh files: viewer (+y up, front +z) or world (+z up, front +x)")
     # protocol
@@ -185,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_weights_file(args.clip_pretrained, "--clip-pretrained")
     meshes: list[Path | None] = []
     if args.meshes:
-        meshes = match_meshes(args.meshes, prompts, args.mesh_map)
+        meshes = match_meshes(args.meshes, prompts, args.mesh_map, args.representation)
         _check_missing(prompts, meshes, args.allow_missing)
     out_dir = output_folder(args.out, "--out")
 
@@ -197,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     source = {"weights": args.weights, "base": args.base, "seed": args.seed, "mesh_resolution": args.mesh_resolution,
               "mesh_format": args.mesh_format} if args.weights else {"meshes": str(Path(args.meshes).resolve())}
+    if args.representation != "mesh":  # absent for meshes: runs started before the option resume as they were
+        source["representation"] = args.representation
     check_run_config(out_dir, {"protocol": asdict(protocol), "clip": clip_settings, "source": source}, args.overwrite)
 
     from lightning_modules.evaluation.clip_score import CLIPScore3D

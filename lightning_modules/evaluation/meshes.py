@@ -82,7 +82,13 @@ def _resolve(base: Path, name: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _read_manifest(path: Path) -> dict[str, Path]:
+REPRESENTATIONS = ("mesh", "gaussians")
+GAUSSIANS_SUFFIX = "_gaussians"  # `prd generate` writes a Gaussian student's splats as <name>_gaussians.ply
+
+
+def _read_manifest(path: Path, representation: str = "mesh") -> dict[str, Path]:
+    if representation == "gaussians":
+        return _read_manifest_gaussians(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
@@ -104,6 +110,25 @@ def _read_manifest(path: Path) -> dict[str, Path]:
     return {prompt: _resolve(path.parent, file) for prompt, file in entries}
 
 
+def _read_manifest_gaussians(path: Path) -> dict[str, Path]:
+    """{prompt: 3DGS PLY} from the `gaussians_file` of each record of a `prd generate` manifest."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read mesh manifest {path}: {err}") from None
+    records = data.get("meshes") if isinstance(data, dict) else data
+    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("prompt"), str)] if isinstance(
+        records, list) else []
+    without = [r["prompt"] for r in records if not isinstance(r.get("gaussians_file"), str)]
+    if not records or without:
+        named = f" (prompt {without[0]!r})" if without else ""
+        raise UserError(
+            f"{path} lists no Gaussians{named}: it is not the folder of a Gaussian student's `prd generate`; "
+            "score its meshes with --representation mesh"
+        )
+    return {r["prompt"]: _resolve(path.parent, r["gaussians_file"]) for r in records}
+
+
 def _read_mesh_map_csv(path: Path) -> dict[str, Path]:
     try:
         with path.open(newline="", encoding="utf-8") as fh:
@@ -115,8 +140,13 @@ def _read_mesh_map_csv(path: Path) -> dict[str, Path]:
     return {row["prompt"]: _resolve(path.parent, row["file"]) for row in rows}
 
 
-def _match_by_name(mesh_dir: Path, prompts: Sequence[str]) -> dict[str, Path]:
+def _match_by_name(mesh_dir: Path, prompts: Sequence[str], representation: str = "mesh") -> dict[str, Path]:
     files = _mesh_files(mesh_dir)
+    if representation == "gaussians":
+        files = [p for p in files if p.suffix.lower() == ".ply" and p.stem.endswith(GAUSSIANS_SUFFIX)]
+        if not files:
+            raise UserError(f"no Gaussian PLYs (*{GAUSSIANS_SUFFIX}.ply, as `prd generate` names them) under {mesh_dir}; "
+                            "map other files to prompts with --mesh-map FILE.csv")
     if not files:
         raise UserError(f"no mesh files ({', '.join(MESH_SUFFIXES)}) under {mesh_dir}")
     by_slug: dict[str, list[str]] = {}
@@ -130,7 +160,8 @@ def _match_by_name(mesh_dir: Path, prompts: Sequence[str]) -> dict[str, Path]:
         )
     found: dict[str, list[Path]] = {}
     for path in files:
-        names = {slugify(_strip_index(path.stem)), slugify(_strip_index(path.parent.name))} - {""}
+        stem = path.stem.removesuffix(GAUSSIANS_SUFFIX) if representation == "gaussians" else path.stem
+        names = {slugify(_strip_index(stem)), slugify(_strip_index(path.parent.name))} - {""}
         hits = {by_slug[n][0] for n in names if n in by_slug}
         if not hits:
             for name in names:
@@ -150,18 +181,22 @@ def _match_by_name(mesh_dir: Path, prompts: Sequence[str]) -> dict[str, Path]:
 
 
 def match_meshes(
-    mesh_dir: str | Path, prompts: Sequence[str], mesh_map: str | Path | None = None
+    mesh_dir: str | Path, prompts: Sequence[str], mesh_map: str | Path | None = None, representation: str = "mesh"
 ) -> list[Path | None]:
-    """The mesh file of each prompt (None where there is none), by the rules in the module docstring."""
+    """The mesh file of each prompt (None where there is none), by the rules in the module docstring; with
+    representation "gaussians", the 3DGS PLY of a Gaussian student's `prd generate` folder instead (the manifest's
+    `gaussians_file`, or by name `<name>_gaussians.ply`; a mesh map is taken as it is)."""
+    if representation not in REPRESENTATIONS:
+        raise UserError(f"representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}")
     mesh_dir = Path(mesh_dir)
     if not mesh_dir.is_dir():
         raise UserError(f"mesh folder not found: {mesh_dir}")
     if mesh_map is not None:
         mapping = _read_mesh_map_csv(Path(mesh_map))
     elif (mesh_dir / "manifest.json").is_file():
-        mapping = _read_manifest(mesh_dir / "manifest.json")
+        mapping = _read_manifest(mesh_dir / "manifest.json", representation)
     else:
-        mapping = _match_by_name(mesh_dir, prompts)
+        mapping = _match_by_name(mesh_dir, prompts, representation)
     result = [mapping[p].resolve() if p in mapping else None for p in prompts]
     absent = [str(p) for p in result if p is not None and not p.is_file()]
     if absent:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.evaluation.gaussians import is_gaussian_file, load_gaussians, normalize_gaussians
-from lightning_modules.evaluation.meshes import MeshData, load_mesh, normalize_mesh, slugify
+from lightning_modules.evaluation.meshes import GAUSSIANS_SUFFIX, MeshData, load_mesh, normalize_mesh, slugify
 from lightning_modules.evaluation.protocol import RenderProtocol, render_views
 from lightning_modules.student.generation import resolve_device
 from renderers.errors import UserError
@@ -141,6 +141,7 @@ def generate_missing_meshes(
         if Path(r["mesh"]).is_file()
     }
     todo = [i for i, p in enumerate(prompts) if (i, p) not in records]
+    representation = getattr(args, "representation", "mesh")
     if todo:
         from lightning_modules.student import TriplaneStudent
         from lightning_modules.student.generation import generate_meshes
@@ -161,8 +162,16 @@ def generate_missing_meshes(
                 progress=False,
             )
             for i, record in zip(batch, made, strict=True):
-                path = mesh_dir / f"{i:04d}_{slugify(prompts[i])[:60]}.{args.mesh_format}"
-                os.replace(partial / record["file"], path)
+                stem = f"{i:04d}_{slugify(prompts[i])[:60]}"
+                if representation == "gaussians":
+                    if "gaussians_file" not in record:
+                        raise UserError(f"the student {args.weights} makes no 3D Gaussians (its representation is "
+                                        "the mesh); score its meshes with --representation mesh")
+                    path = mesh_dir / f"{stem}{GAUSSIANS_SUFFIX}.ply"
+                    os.replace(partial / record["gaussians_file"], path)
+                else:
+                    path = mesh_dir / f"{stem}.{args.mesh_format}"
+                    os.replace(partial / record["file"], path)
                 records[(i, prompts[i])] = path
                 append_jsonl(out_dir / GENERATED_JSONL, {"index": i, "prompt": prompts[i], "mesh": str(path)})
             bar.update(len(batch))
