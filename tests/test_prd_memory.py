@@ -106,7 +106,7 @@ def test_attention_backend_switch_is_applied(tiny_sd_dir, monkeypatch):
         q = torch.zeros(1, 1, 4, 8)
         return torch.nn.functional.scaled_dot_product_attention(q, q, q)
 
-    monkeypatch.setattr(module, "_run_prd_batch", attend)
+    monkeypatch.setattr(module, "_require_student", attend)  # the batch's first call: under the kernel choice
     with pytest.raises(RuntimeError, match="No viable backend|No available kernel"):
         module.run_prd_batch({"prompts": ["a red ball"], "seed": 0}, step=0)
     assert tiny_module(tiny_sd_dir).attention_backends is None

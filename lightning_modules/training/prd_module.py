@@ -40,6 +40,8 @@ hooks, `export_student_weights`) and `validation.py` (validation / test generati
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -112,6 +114,17 @@ def _sdpa_backends(name: str | None) -> list | None:
     members = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
     return [members[part] for part in chosen]
+
+
+def _with_attention_kernels(method):
+    """Run a `PRDModule` method under the module's configured SDPA kernels (`_attention_kernels`)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._attention_kernels():
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def recorded_base(base: str) -> str:
@@ -434,6 +447,15 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         """0 connected to every trainable parameter (a backward that still meets every DDP hook)."""
         return sum((p.sum() for p in self.trainable_parameters()), torch.zeros((), device=self.student.device)) * 0.0
 
+    def _attention_kernels(self):
+        """The configured SDPA kernels (`attention_backend`) as a context, or a context that changes nothing."""
+        if self.attention_backends is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import sdpa_kernel
+
+        return sdpa_kernel(self.attention_backends)
+
+    @_with_attention_kernels
     def run_prd_batch(
         self,
         batch: Mapping[str, Any],
@@ -443,24 +465,8 @@ class PRDModule(ValidationMixin, OptimizerStepMixin, TrainableStateMixin, pl.Lig
         sync_last: bool = True,
         split_backward: bool = False,
     ) -> PRDBatchResult:
-        """`_run_prd_batch` (below) with the configured attention kernels."""
-        if self.attention_backends is None:
-            return self._run_prd_batch(batch, step, backward, loss_scale, sync_last, split_backward)
-        from torch.nn.attention import sdpa_kernel
-
-        with sdpa_kernel(self.attention_backends):
-            return self._run_prd_batch(batch, step, backward, loss_scale, sync_last, split_backward)
-
-    def _run_prd_batch(
-        self,
-        batch: Mapping[str, Any],
-        step: int,
-        backward: Callable[[Tensor, bool], None] | None = None,
-        loss_scale: float = 1.0,
-        sync_last: bool = True,
-        split_backward: bool = False,
-    ) -> PRDBatchResult:
-        """One PRD batch: all denoising steps from pure noise, each rendered, judged and backpropagated at once.
+        """One PRD batch: all denoising steps from pure noise, each rendered, judged and backpropagated at once,
+        under the configured attention kernels.
 
         batch: {"prompts": B strings, "seed": int} (a `PromptDataModule` training batch).
         step: the global (optimizer) step that schedules are evaluated at.
