@@ -64,7 +64,14 @@ from renderers.types import Field
 EmptyFallback = Literal["center_border", "unit_sphere", "error"]
 EMPTY_FALLBACKS = ("center_border", "unit_sphere", "error")
 PAD_SDF_VALUE = 1.0  # diso pads with iso + 1, iso = 0
-GRID_CHUNK_POINTS = 2**15  # points per field call when the whole grid is evaluated without autograd
+GRID_CHUNK_POINTS = 2**15  # points per field call when the whole grid is evaluated without autograd, on the CPU
+DEVICE_GRID_CHUNK_POINTS = 2**21  # the same on a GPU: kernel launches, not caches, bound its small calls
+
+
+def grid_chunk_points(device: torch.device | str) -> int:
+    """Grid points per field call without autograd on `device`: cache-sized calls on the CPU (2.3x faster than
+    2^18 at 160^3 on 2 cores), large ones elsewhere (160^3 in 2 calls instead of 126; not measured on a GPU)."""
+    return GRID_CHUNK_POINTS if torch.device(device).type == "cpu" else DEVICE_GRID_CHUNK_POINTS
 
 
 class EmptySurfaceError(ValueError):
@@ -446,7 +453,7 @@ class DeformableMarchingCubes(nn.Module):
                     return grid.values, grid.exact
         # without autograd only memory bounds the chunk, and ~32k points per call keep the MLP's activations in
         # the CPU's caches: 2.3x faster than 2^18 at 160^3, the same values
-        chunk = max(1024, min(self.chunk_size, GRID_CHUNK_POINTS // batch))
+        chunk = max(1024, min(self.chunk_size, grid_chunk_points(device) // batch))
         sdf_grid, _ = evaluate_field_on_grid(field, self.resolution, batch, chunk, False, device, dtype)
         return sdf_grid, None
 

@@ -150,14 +150,18 @@ def test_block_sizes_must_nest():
 
 
 @pytest.mark.parametrize(("config", "slices"), [({}, 1), ({"geo_interpolate": "v2"}, 4),
-                                                ({"sdf_bias": "ellipsoid", "sdf_bias_params": (0.6, 0.4, 0.5)}, 7)])
+                                                ({"sdf_bias": "ellipsoid", "sdf_bias_params": (0.6, 0.4, 0.5)}, 7),
+                                                ({}, 30)])
 def test_dense_slices_equal_the_vertex_by_vertex_values(config, slices):
     """The slice-by-slice evaluation of every vertex (taken when most of the grid is near the surface) computes
-    the vertex-by-vertex values bit for bit, whatever the slice count (7 does not divide 30)."""
+    the vertex-by-vertex values bit for bit, whatever the slice count (7 does not divide 30; 30: the whole grid in
+    one call, as on a GPU) and the vertices per call of `sdf_at`."""
     field = _field(seed=3, **config)
     grid = TriplaneGridSDF(field, 0, 30)
     with torch.no_grad():
-        assert torch.equal(grid.sdf_dense(slices), grid.sdf_at(torch.arange(30**3)))
+        vertex_by_vertex = grid.sdf_at(torch.arange(30**3))
+        assert torch.equal(grid.sdf_dense(slices), vertex_by_vertex)
+        assert torch.equal(grid.sdf_at(torch.arange(30**3), chunk_size=997), vertex_by_vertex)
 
 
 def test_a_surface_nearly_everywhere_takes_the_dense_path_and_gives_the_dense_mesh(monkeypatch):

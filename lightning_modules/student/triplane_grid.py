@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from renderers.marching_cubes import grid_chunk_points
 from renderers.types import GridSDF
 
 BLOCK_SIZES = (16, 8, 4, 2)  # block sides, coarse to fine: undecided blocks are split into the next size
@@ -82,10 +83,11 @@ class TriplaneGridSDF:
         a, b, c = xy.index_select(0, i * r + j), xz.index_select(0, i * r + k), yz.index_select(0, k * r + j)
         return a + b + c if self.mode == "v1" else torch.cat([a, b, c], dim=1)
 
-    def sdf_at(self, flat: Tensor, chunk_size: int = 2**15) -> Tensor:
+    def sdf_at(self, flat: Tensor, chunk_size: int | None = None) -> Tensor:
         """Exact SDF `[n]` at flat grid indices `flat [n]` (x slowest, z fastest): `TriplaneField.sdf`'s
-        arithmetic (feature sum, MLP, prior)."""
+        arithmetic (feature sum, MLP, prior), `chunk_size` vertices per call (default: `grid_chunk_points`)."""
         r = self.resolution
+        chunk_size = chunk_size or grid_chunk_points(flat.device)
         out = [flat.new_zeros(0, dtype=self.axis.dtype)]
         for start in range(0, flat.numel(), chunk_size):
             part = flat[start : start + chunk_size]
@@ -243,7 +245,7 @@ class TriplaneGridSDF:
             _fill_blocks(values, blocks[~undecided], size, torch.where(hi < 0, hi, lo)[~undecided])
             first = size
         if int(undecided.sum()) * first**3 >= DENSE_SHARE * r**3:  # the surface is nearly everywhere
-            values = self.sdf_dense(slices=max(1, 2**15 // r**2))
+            values = self.sdf_dense(slices=max(1, grid_chunk_points(device) // r**2))
             return GridSDF(values=values[None], exact=torch.ones_like(values, dtype=torch.bool)[None])
         flat = _block_vertices(blocks[undecided], first, r)
         values = values.reshape(-1)
