@@ -85,3 +85,18 @@ def texel_normals_without_map(normals, tangents, atlas, rows, cols, size):
     flat = np.zeros((size, size, 3), np.uint8)
     flat[...] = (128, 128, 255)
     return viewer_normals(normals, tangents, atlas.faces, rows, cols, np.zeros((len(rows), 3)), flat, atlas.uvs)
+
+
+def faceted_icosphere_atlas(size: int):
+    """A flat-shaded icosphere (80 faces, each with its own 3 vertices) unwrapped for a `size`^2 texture: the atlas,
+    per atlas vertex positions, unit normals [M, 3] and glTF tangents [M, 4]."""
+    from renderers.bake import vertex_tangents
+    from renderers.export import unit_vertex_normals
+    from renderers.uv_atlas import unwrap
+
+    vertices, faces = icosphere(1)
+    vertices, faces = vertices[faces].reshape(-1, 3), np.arange(3 * len(faces)).reshape(-1, 3)
+    atlas = unwrap(vertices, faces, size)
+    positions = vertices[atlas.vertex_map]
+    normals = unit_vertex_normals(vertices, faces)[atlas.vertex_map]
+    return atlas, positions, normals, vertex_tangents(positions, normals, atlas.uvs, atlas.faces)

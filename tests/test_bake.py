@@ -11,6 +11,7 @@ from renderers.uv_atlas import unwrap
 from tests.asset_helpers import (
     RADIUS,
     SphereField,
+    faceted_icosphere_atlas,
     icosphere,
     position_colour,
     texel_normals_without_map,
@@ -44,13 +45,8 @@ def test_albedo_of_colour_equals_position_matches_the_field_at_texel_centres():
 
 
 def test_normal_map_from_a_sphere_sdf_restores_the_sphere_normals_on_a_coarse_polyhedron():
-    vertices, faces = icosphere(1)  # 80 faces, each with its own 3 vertices: flat-shaded facets
-    vertices, faces = vertices[faces].reshape(-1, 3), np.arange(3 * len(faces)).reshape(-1, 3)
     size = 128
-    atlas = unwrap(vertices, faces, size)
-    positions = vertices[atlas.vertex_map]
-    normals = unit_vertex_normals(vertices, faces)[atlas.vertex_map]
-    tangents = vertex_tangents(positions, normals, atlas.uvs, atlas.faces)
+    atlas, positions, normals, tangents = faceted_icosphere_atlas(size)  # flat-shaded facets
     np.testing.assert_allclose(np.linalg.norm(tangents[:, :3], axis=1), 1.0, atol=1e-9)
     np.testing.assert_allclose(np.einsum("ij,ij->i", tangents[:, :3], normals), 0.0, atol=1e-9)
     assert set(np.unique(tangents[:, 3])) <= {-1.0, 1.0}

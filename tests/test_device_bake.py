@@ -15,6 +15,7 @@ from renderers.uv_atlas import unwrap
 from renderers.uv_bake import rasterize_uv
 from tests.asset_helpers import (
     SphereField,
+    faceted_icosphere_atlas,
     icosphere,
     position_colour,
     texel_normals_without_map,
@@ -80,13 +81,8 @@ def test_torch_bake_of_colour_equals_position_matches_the_field_at_texel_centres
 
 
 def test_torch_normal_map_restores_the_sphere_normals_on_a_coarse_polyhedron():
-    vertices, faces = icosphere(1)  # flat-shaded facets: each face its own 3 vertices
-    vertices, faces = vertices[faces].reshape(-1, 3), np.arange(3 * len(faces)).reshape(-1, 3)
     size = 128
-    atlas = unwrap(vertices, faces, size)
-    positions = vertices[atlas.vertex_map]
-    normals = unit_vertex_normals(vertices, faces)[atlas.vertex_map]
-    tangents = vertex_tangents(positions, normals, atlas.uvs, atlas.faces)
+    atlas, positions, normals, tangents = faceted_icosphere_atlas(size)  # flat-shaded facets
     maps = bake_maps_on_device(positions, normals, tangents, atlas.uvs, atlas.faces, size, FieldSampler(SphereField()))
     rows, cols, points = texel_points(atlas.uvs, atlas.faces, positions, size)
     shaded = viewer_normals(normals, tangents, atlas.faces, rows, cols, points, maps.normal, atlas.uvs)
