@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from renderers.bake import BakedMaps, FieldSampler, nearest_covered
 
 MAX_CANDIDATES = 1 << 22  # (texel, triangle) pairs tested at once when rasterising the UV layout
+# texels baked at once: a 1024^2 atlas in one step, a few hundred MB of temporaries at most at any size (on the CPU,
+# smaller steps of torch's small operations cost more than the numpy bake's threads: 32k texels 1.4x slower)
+TEXELS_PER_STEP = 1 << 20
 
 
 def rasterize_uv_torch(uvs: torch.Tensor, faces: torch.Tensor, size: int,
@@ -132,19 +136,15 @@ def bake_maps_on_device(
         face_ids, bary = face_ids.flip(0), bary.flip(0)  # row 0 = v = 1
         coverage = face_ids >= 0
         ids, weights = face_ids[coverage], bary[coverage]  # [K], [K, 3]
-        corners = faces_t[ids]  # [K, 3]
-        points = torch.einsum("kc,kcd->kd", weights, tensor(positions)[corners])
-        normal_texels = None
-        if normal_map:
-            sdf, gradient = (value.to(dtype) for value in sampler.sdf_tensor(points))
-            squared = _dot(gradient, gradient).clamp_min(1e-12)
-            points = points - sdf[:, None] / squared * gradient  # one Newton step onto the field's surface
-            field_normals = _unit(gradient, fallback=(0.0, 0.0, 0.0))
-            frame = _tangent_frames(tensor(normals), tensor(tangents), corners, weights)
-            flat = field_normals.norm(dim=1) < 0.5  # no gradient: keep the mesh normal
-            field_normals = torch.where(flat[:, None], frame[2], field_normals)
-            normal_texels = _to_uint8((_to_tangent_space(field_normals, frame) + 1.0) / 2.0)
-        albedo_texels = _to_uint8(sampler.color_tensor(points).to(dtype))
+        del face_ids, bary
+        positions_t = tensor(positions)
+        frames_of = (tensor(normals), tensor(tangents)) if normal_map else None
+        albedo_texels = torch.empty((len(ids), 3), dtype=torch.uint8, device=device)
+        normal_texels = torch.empty_like(albedo_texels) if normal_map else None
+        for start in range(0, len(ids), TEXELS_PER_STEP):  # bounded memory at any texture size
+            part = slice(start, start + TEXELS_PER_STEP)
+            _bake_texels(ids[part], weights[part], faces_t, positions_t, frames_of, sampler, dtype,
+                         albedo_texels[part], None if normal_texels is None else normal_texels[part])
 
         coverage_np = coverage.cpu().numpy()
         nearest = nearest_covered(coverage_np)
@@ -159,6 +159,24 @@ def bake_maps_on_device(
         albedo = image(albedo_texels, (0, 0, 0))
         normal = None if normal_texels is None else image(normal_texels, (128, 128, 255))
     return BakedMaps(albedo, normal, coverage_np)
+
+
+def _bake_texels(ids: Tensor, weights: Tensor, faces: Tensor, positions: Tensor, frames_of, sampler: FieldSampler,
+                 dtype: torch.dtype, albedo_out: Tensor, normal_out: Tensor | None) -> None:
+    """Bake k texels, given their faces ids [k] and barycentric weights [k, 3], into albedo_out [k, 3] uint8 and,
+    with `frames_of` = (vertex normals [M, 3], tangents [M, 4]), normal_out [k, 3] uint8."""
+    corners = faces[ids]  # [k, 3]
+    points = torch.einsum("kc,kcd->kd", weights, positions[corners])
+    if frames_of is not None:
+        sdf, gradient = (value.to(dtype) for value in sampler.sdf_tensor(points))
+        squared = _dot(gradient, gradient).clamp_min(1e-12)
+        points = points - sdf[:, None] / squared * gradient  # one Newton step onto the field's surface
+        field_normals = _unit(gradient, fallback=(0.0, 0.0, 0.0))
+        frame = _tangent_frames(*frames_of, corners, weights)
+        flat = field_normals.norm(dim=1) < 0.5  # no gradient: keep the mesh normal
+        field_normals = torch.where(flat[:, None], frame[2], field_normals)
+        normal_out.copy_(_to_uint8((_to_tangent_space(field_normals, frame) + 1.0) / 2.0))
+    albedo_out.copy_(_to_uint8(sampler.color_tensor(points).to(dtype)))
 
 
 def _tangent_frames(normals: torch.Tensor, tangents: torch.Tensor, corners: torch.Tensor, weights: torch.Tensor):

@@ -118,3 +118,18 @@ def test_make_asset_bakes_on_the_device_on_request(monkeypatch):
     for got, want in zip((torch_asset.maps.albedo, torch_asset.maps.normal),
                          (numpy_asset.maps.albedo, numpy_asset.maps.normal), strict=True):
         assert np.abs(got.astype(np.int64) - want.astype(np.int64)).max() <= 1
+
+
+def test_torch_bake_in_steps_equals_one_step(monkeypatch):
+    """Texels baked a few hundred at a time (as a large texture is, to bound memory) give the maps of one step."""
+    import renderers.device_bake as device_bake
+
+    size = 96
+    positions, normals, tangents, uvs, faces = _bumpy_atlas(size)
+    sampler = FieldSampler(SphereField())
+    whole = bake_maps_on_device(positions, normals, tangents, uvs, faces, size, sampler)
+    monkeypatch.setattr(device_bake, "TEXELS_PER_STEP", 700)
+    steps = bake_maps_on_device(positions, normals, tangents, uvs, faces, size, sampler)
+    assert whole.coverage.sum() > 5 * 700
+    np.testing.assert_array_equal(steps.albedo, whole.albedo)
+    np.testing.assert_array_equal(steps.normal, whole.normal)
