@@ -6,8 +6,9 @@ The same maps as `bake.bake_maps` (same texel -> triangle rule, Newton step, tan
 and gutter fill), computed as tensors on `sampler.device`: the UV layout is rasterised there, every texel's
 point, field query, frame and encoding stay there, and only the two uint8 images come back. The one CPU step
 is the gutter fill's nearest-texel search (scipy's exact distance transform of the [T, T] coverage mask).
-On the CPU the threaded numpy bake of `bake.py` is faster; this path is for CUDA, and runs anywhere (its
-tests run it on the CPU in float64 against the numpy bake).
+On 2 CPU cores it takes about what the threaded numpy bake of `bake.py` takes (within 10 % at 1024^2, 0.04 s
+more at 512^2, `benchmarks/bench_asset.py --bake-on-device`), which stays the CPU's default; this path is for
+CUDA and runs anywhere (its tests run it on the CPU against the numpy bake and the analytic oracles).
 """
 
 from __future__ import annotations
