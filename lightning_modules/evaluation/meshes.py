@@ -86,13 +86,17 @@ REPRESENTATIONS = ("mesh", "gaussians")
 GAUSSIANS_SUFFIX = "_gaussians"  # `prd generate` writes a Gaussian student's splats as <name>_gaussians.ply
 
 
+def _manifest_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read mesh manifest {path}: {err}") from None
+
+
 def _read_manifest(path: Path, representation: str = "mesh") -> dict[str, Path]:
     if representation == "gaussians":
         return _read_manifest_gaussians(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read mesh manifest {path}: {err}") from None
+    data = _manifest_json(path)
     if isinstance(data, dict) and isinstance(data.get("meshes"), (list, dict)):
         data = data["meshes"]
     entries: list[tuple[str, str]] = []
@@ -112,10 +116,7 @@ def _read_manifest(path: Path, representation: str = "mesh") -> dict[str, Path]:
 
 def _read_manifest_gaussians(path: Path) -> dict[str, Path]:
     """{prompt: 3DGS PLY} from the `gaussians_file` of each record of a `prd generate` manifest."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read mesh manifest {path}: {err}") from None
+    data = _manifest_json(path)
     records = data.get("meshes") if isinstance(data, dict) else data
     records = [r for r in records if isinstance(r, dict) and isinstance(r.get("prompt"), str)] if isinstance(
         records, list) else []
