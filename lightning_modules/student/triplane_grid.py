@@ -30,6 +30,7 @@ BLOCK_SIZES = (16, 8, 4, 2)  # block sides, coarse to fine: undecided blocks are
 BOUND_COST = 6  # one block's bound costs about 6 exact vertex evaluations (measured at block sides 2 - 8 on 2 CPU cores)
 REFINE_SAMPLE = 64  # undecided blocks whose children are bounded to decide whether refining pays
 DENSE_SHARE = 0.6  # above this share of exact vertices, every vertex is evaluated slice by slice (no gathers)
+ROW_BLOCK = 16  # rows per matrix-product call are padded to a multiple of this (see `_sdf_network`)
 ROUNDING_MARGIN = 1e-4  # relative to the magnitude of each layer's terms; float32 dot products of 64 terms err < 1e-5
 
 
@@ -120,13 +121,18 @@ class TriplaneGridSDF:
     def _sdf_network(self, x: Tensor) -> Tensor:
         """`field.sdf_network(x)` (`[n, in]` -> `[n, 1]`, the same values bit for bit) with the ReLUs in place:
         no gradient is needed here, and on the CPU the separate ReLU passes over the 64-wide activations of
-        millions of grid vertices cost about a third of the matrix products."""
+        millions of grid vertices cost about a third of the matrix products. The rows are padded to a multiple of
+        `ROW_BLOCK`: the CPU's matrix product rounds the last rows of a call of another size differently (1 ulp),
+        so a vertex gets the value the dense grid's full-size calls give it, whatever the call it falls in."""
+        rows = x.shape[0]
+        if rows % ROW_BLOCK:
+            x = torch.cat([x, x.new_zeros(ROW_BLOCK - rows % ROW_BLOCK, x.shape[1])])
         last = len(self.weights) - 1
         for index, weight in enumerate(self.weights):
             x = F.linear(x, weight)
             if index < last:
                 x.relu_()
-        return x
+        return x[:rows]
 
     # ------------------------------------------------------------------ bounds
     def _block_pyramids(self) -> dict[int, tuple]:
