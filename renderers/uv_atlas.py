@@ -12,9 +12,8 @@ faces, 4 slabs take about half the time of one mesh for 11 % more charts and the
 with `benchmarks/bench_asset.py`). Growing a chart costs more the larger it gets, and on smooth surfaces charts get
 large: no chart may exceed the area of `MAX_CHART_FACES` mean faces (1 % of the surface at 20k faces; no limit on
 meshes of 200 faces or fewer, whose small charts would waste the atlas on padding). At 20k faces / 1024^2, best of
-2: the trained demo
-student's red ball 1.64 -> 0.44 s (173 -> 285 charts, utilisation 0.664 -> 0.660), the asset benchmark's bumpy mesh
-0.70 -> 0.49 s (1,104 -> 1,101 charts, 0.777 -> 0.779).
+2 in one process: the trained demo student's red ball 1.52 -> 0.42 s (173 -> 285 charts, utilisation 0.664 ->
+0.660), the asset benchmark's bumpy mesh 0.54 -> 0.40 s (1,104 -> 1,101 charts, 0.777 -> 0.779).
 """
 
 from __future__ import annotations
